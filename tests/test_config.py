@@ -1,0 +1,62 @@
+"""Config: one dataclass for CLI flags and notebook parameters; bad values fail loudly."""
+import pytest
+
+from voxlib.config import SEED_PRESET, Config, ConfigError
+
+
+def test_defaults_are_cpu_friendly_and_seed_preset_is_the_2019_protocol():
+    assert Config().width < 1.0
+    seed = Config.from_dict({"preset": "seed"})
+    assert (seed.width, seed.batch_size, seed.lr, seed.epochs, seed.optimizer) == (1.0, 10, 1e-5, 1000, "rmsprop")
+    assert set(SEED_PRESET) <= set(Config().to_dict())
+
+
+def test_explicit_values_win_over_the_preset():
+    cfg = Config.from_dict({"preset": "seed", "epochs": 3, "width": 0.5})
+    assert (cfg.epochs, cfg.width, cfg.batch_size) == (3, 0.5, 10)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"epochs": "ten"}, "'epochs' must be int, got str 'ten'"),
+        ({"epochs": True}, "'epochs' must be int"),
+        ({"lr": "0.1"}, "'lr' must be float"),
+        ({"compile": 1}, "'compile' must be bool"),
+        ({"optimizer": "sgd"}, "'optimizer' must be one of"),
+        ({"epochs": 0}, "'epochs' must be positive"),
+        ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction + test_fraction"),
+        ({"head_weights": "birthplace:2"}, "not name=number"),
+        ({"batch_sise": 4}, "unknown parameter(s) ['batch_sise']"),
+    ],
+)
+def test_bad_values_name_the_parameter(values, message):
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict(values)
+    assert message in str(err.value)
+
+
+def test_int_is_accepted_for_float_fields():
+    cfg = Config.from_dict({"lr": 1})
+    assert isinstance(cfg.lr, float) and cfg.lr == 1.0
+
+
+def test_cli_flags_are_the_fields():
+    cfg = Config.from_args(["--batch-size", "7", "--no-compile", "--channels-last", "--preset", "seed"])
+    assert (cfg.batch_size, cfg.compile, cfg.channels_last, cfg.lr) == (7, False, True, 1e-5)
+    with pytest.raises(SystemExit):
+        Config.from_args(["--optimizer", "sgd"])
+
+
+def test_notebook_namespace_catches_unknown_injected_parameters():
+    import math
+
+    namespace = {"epochs": 2, "math": math, "_private": 1, "In": [], "helper": len}
+    assert Config.from_namespace(namespace).epochs == 2
+    with pytest.raises(ConfigError, match="epohcs"):
+        Config.from_namespace({**namespace, "epohcs": 3})
+
+
+def test_head_weights_parse():
+    assert Config(head_weights="birthplace=2, sex=0.5").head_weight_map() == {"birthplace": 2.0, "sex": 0.5}
+    assert Config(labels="speaker, sex").head_names() == ["speaker", "sex"]
