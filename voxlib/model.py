@@ -1,0 +1,81 @@
+"""The seed discriminator, used as a multi-head classifier of 1x256x256 spectrograms.
+
+Six Conv(k4, s2, p1) + BatchNorm + LeakyReLU(0.2) blocks halve the map from 256 to 4 while the
+channels double from 64 to 2048 (times ``width``); each label then gets its own Conv(k4, s1, p0)
+head that sees the whole 4x4 map and emits one logit per class. Every head shares the trunk, which
+is what lets the birthplace analysis ask how much of the trunk each head's gradient shapes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+INPUT_SIZE = 256
+N_BLOCKS = 6
+
+
+def trunk_channels(width: float) -> list[int]:
+    """Output channels of the six blocks: round(64 * width * 2**i), at least 1."""
+    return [max(1, round(64 * width * 2**i)) for i in range(N_BLOCKS)]
+
+
+class Discriminator(nn.Module):
+    """The seed architecture with one classification head per label.
+
+    ``head_sizes`` maps a head name (speaker, birthplace, sex, ...) to its number of classes; the
+    dict order is the head order everywhere (logits, checkpoints, labels.json).
+    """
+
+    def __init__(self, head_sizes: dict[str, int], width: float = 1.0):
+        super().__init__()
+        if not head_sizes:
+            raise ValueError("Discriminator needs at least one head")
+        self.head_sizes = dict(head_sizes)
+        self.width = width
+        layers: list[nn.Module] = []
+        in_ch = 1
+        for out_ch in trunk_channels(width):
+            layers += [
+                nn.Conv2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1),
+                nn.BatchNorm2d(out_ch),
+                nn.LeakyReLU(0.2),
+            ]
+            in_ch = out_ch
+        self.main = nn.Sequential(*layers)
+        self.out_channels = in_ch
+        final = INPUT_SIZE // 2**N_BLOCKS  # 4: the head kernel covers the whole remaining map
+        self.heads = nn.ModuleDict(
+            {name: nn.Conv2d(in_ch, n, kernel_size=final, stride=1, padding=0) for name, n in head_sizes.items()}
+        )
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Shared features (B, C, 4, 4): the embeddings and the point where head gradients meet."""
+        return self.main(x)
+
+    def forward(self, x: torch.Tensor, return_trunk: bool = False):
+        """Logits per head ``{name: (B, n_classes)}``; with ``return_trunk`` also the trunk output.
+
+        The trunk output is returned (not recomputed) so the training loop can measure each head's
+        gradient with respect to it from the same graph.
+        """
+        features = self.trunk(x)
+        logits = {name: head(features).flatten(1) for name, head in self.heads.items()}
+        return (logits, features) if return_trunk else logits
+
+
+def count_flops(model: Discriminator, batch: int = 1, training: bool = False) -> int:
+    """Floating-point operations of one forward pass (2 per multiply-accumulate) from layer shapes.
+
+    Only convolutions are counted (BatchNorm, activations and biases add well under 1 %). A
+    training step costs about 3x the forward (backward = 2x), which ``training=True`` returns.
+    """
+    size = INPUT_SIZE
+    macs = 0
+    for conv in (m for m in model.main if isinstance(m, nn.Conv2d)):
+        size = (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        macs += size * size * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    for head in model.heads.values():
+        out = size - head.kernel_size[0] + 1
+        macs += out * out * head.out_channels * head.in_channels * head.kernel_size[0] * head.kernel_size[1]
+    flops = 2 * macs * batch
+    return 3 * flops if training else flops
