@@ -52,6 +52,7 @@ class Config:
     # --- corpus -------------------------------------------------------------------------------
     manifest: str = ""  # CSV path,speaker,birthplace,sex[,...]; "" = the built-in demo corpus
     run_dir: str = ""  # run folder; "" = outputs/runs/<corpus name>; an existing run is resumed
+    compare_run_dir: str = ""  # notebook 03: a second run folder shown side by side; "" = none
     cache_dir: str = ""  # feature cache root; "" = outputs/cache
     labels: str = "speaker,birthplace,sex"  # heads to train (comma list); "" = every label column
     on_bad_file: str = "stop"  # stop at the first bad clip, or skip it and list it in rejected.csv
