@@ -1,0 +1,242 @@
+"""Splits, label vocabularies and the crop dataset between the feature cache and the model.
+
+Two held-out questions need two kinds of split: *seen* speakers (some of each speaker's utterances
+held out) measure how well a known voice is recognised; *unseen* speakers (whole speakers held out)
+measure whether birthplace and sex generalise beyond the voices the model memorised. Every random
+choice is derived from ``cfg.seed`` and a stable name or index, so a split or a crop never depends
+on iteration order, worker count or how often the process was restarted.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "seen_val", "seen_test", "unseen_val", "unseen_test")
+HELD_OUT = SPLITS[1:]
+
+
+def _rng(seed: int, *keys: str | int) -> np.random.Generator:
+    """A generator keyed by the seed and stable names (crc32, not Python's salted hash)."""
+    parts = [seed] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
+    return np.random.default_rng(parts)
+
+
+# --- splits ------------------------------------------------------------------------------------
+def make_splits(table: pd.DataFrame, cfg) -> pd.Series:
+    """Split name per manifest row (index aligned with ``table``).
+
+    A non-empty ``split`` column in the manifest wins (every row must then name a valid split).
+    Otherwise: ``unseen_per_class`` whole speakers of each birthplace with at least
+    ``unseen_min_speakers`` speakers go to unseen_val/unseen_test (half each, by recording); of every
+    other speaker, ``val_fraction``/``test_fraction`` of the utterances go to seen_val/seen_test, whole
+    recordings at a time so segments of one file never straddle train and test, and at least one
+    recording always stays in train.
+    """
+    if "split" in table.columns and table["split"].fillna("").astype(str).str.strip().ne("").any():
+        return _manifest_splits(table)
+    splits = pd.Series("train", index=table.index, dtype=object)
+    unseen = _choose_unseen(table, cfg)
+    for speaker, group in table.groupby("speaker", sort=True):
+        if speaker in unseen:
+            n_val = len(group) // 2  # the odd utterance, if any, goes to test
+            got = 0
+            for idx in _recordings(group, _rng(cfg.seed, "unseen", speaker)):
+                fits = got + len(idx) <= n_val
+                splits[idx] = "unseen_val" if fits else "unseen_test"
+                got += len(idx) if fits else 0
+        else:
+            _split_seen_speaker(group, splits, cfg)
+    return splits
+
+
+def _manifest_splits(table: pd.DataFrame) -> pd.Series:
+    values = table["split"].fillna("").astype(str).str.strip()
+    bad = values[~values.isin(SPLITS)]
+    if len(bad):
+        rows = table.loc[bad.index, "row"] if "row" in table.columns else bad.index + 1
+        lines = [f"row {r} ({table.at[i, 'path']}): split {v!r} is not one of {SPLITS}"
+                 for i, r, v in zip(bad.index, rows, bad)]
+        raise ValueError("manifest 'split' column has invalid values:\n" + "\n".join(lines[:50]))
+    if not values.eq("train").any():
+        raise ValueError("manifest 'split' column assigns no row to 'train'")
+    return values.astype(object)
+
+
+def _choose_unseen(table: pd.DataFrame, cfg) -> set[str]:
+    """Whole speakers held out per birthplace, alternating sexes so both stay represented."""
+    chosen: set[str] = set()
+    if cfg.unseen_per_class <= 0:
+        return chosen
+    speakers = table.drop_duplicates("speaker")[["speaker", "birthplace", "sex"]]
+    for k, (place, group) in enumerate(speakers.groupby("birthplace", sort=True)):
+        if len(group) < max(cfg.unseen_min_speakers, 2):
+            continue
+        rng = _rng(cfg.seed, "unseen-class", place)
+        by_sex = {sex: list(rng.permutation(sorted(g["speaker"]))) for sex, g in group.groupby("sex", sort=True)}
+        sexes = sorted(by_sex)
+        # start with a different sex in alternate classes, so one-per-class still mixes sexes
+        order = sexes[k % len(sexes):] + sexes[: k % len(sexes)]
+        n = min(cfg.unseen_per_class, len(group) - 1)  # a class always keeps a seen speaker
+        taken = 0
+        while taken < n:
+            for sex in order:
+                if by_sex[sex] and taken < n:
+                    chosen.add(by_sex[sex].pop(0))
+                    taken += 1
+    return chosen
+
+
+def _recordings(group: pd.DataFrame, rng: np.random.Generator) -> list[pd.Index]:
+    """The speaker's rows grouped by source file, in a seeded order."""
+    units = [g.index for _, g in group.groupby("path", sort=True)]
+    return [units[i] for i in rng.permutation(len(units))]
+
+
+def _split_seen_speaker(group: pd.DataFrame, splits: pd.Series, cfg) -> None:
+    units = _recordings(group, _rng(cfg.seed, "seen", group["speaker"].iloc[0]))
+    n = len(group)
+    want = {"seen_test": math.floor(cfg.test_fraction * n + 0.5), "seen_val": math.floor(cfg.val_fraction * n + 0.5)}
+    got = {"seen_test": 0, "seen_val": 0}
+    trained = False
+    for i, idx in enumerate(units):
+        if i == len(units) - 1 and not trained:
+            target = "train"  # at least one recording of every seen speaker is trained on
+        else:
+            target = next((s for s in ("seen_test", "seen_val") if got[s] + len(idx) <= want[s]), "train")
+        splits[idx] = target
+        if target == "train":
+            trained = True
+        else:
+            got[target] += len(idx)
+
+
+# --- labels ------------------------------------------------------------------------------------
+def build_vocabularies(table: pd.DataFrame, splits: pd.Series, heads: Sequence[str]) -> dict[str, list[str]]:
+    """Class names per head, in logit order, from the training rows only.
+
+    The speaker head knows only training speakers; other heads know the classes seen in training.
+    A head with fewer than two classes cannot be trained and is left out with a notice.
+    """
+    missing = [h for h in heads if h not in table.columns]
+    if missing:
+        raise ValueError(f"label column(s) {missing} not in the manifest (columns: {list(table.columns)})")
+    train = table[splits == "train"]
+    vocab: dict[str, list[str]] = {}
+    for head in heads:
+        classes = sorted(train[head].dropna().astype(str).unique())
+        classes = [c for c in classes if c != ""]
+        if len(classes) < 2:
+            log.warning("head %r skipped: %d class(es) in the training split (%s)", head, len(classes), classes)
+            continue
+        vocab[head] = classes
+    if not vocab:
+        raise ValueError(f"no head has at least 2 classes in the training split (asked for {list(heads)})")
+    return vocab
+
+
+def encode_targets(table: pd.DataFrame, vocab: dict[str, list[str]]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Class index per row and head; -1 where the class is not in the vocabulary.
+
+    Returns the targets and, per head, how many rows got -1 (unseen speakers on the speaker head,
+    or a held-out class never seen in training); those rows are ignored by loss and accuracy.
+    """
+    targets, unknown = {}, {}
+    for head, classes in vocab.items():
+        lookup = {c: i for i, c in enumerate(classes)}
+        codes = table[head].astype(str).map(lookup).fillna(-1).astype(np.int64).to_numpy()
+        targets[head] = codes
+        unknown[head] = int((codes < 0).sum())
+    return targets, unknown
+
+
+# --- crops -------------------------------------------------------------------------------------
+def crop_starts(n_frames_clip: int, n_frames: int, count: int) -> list[int]:
+    """Evenly spaced crop starts covering the clip (all 0 for a clip shorter than a crop)."""
+    span = max(n_frames_clip - n_frames, 0)
+    return [int(round(s)) for s in np.linspace(0, span, count)]
+
+
+def fit_crop(spec: np.ndarray, start: int, n_frames: int) -> np.ndarray:
+    """(256, n_frames) window from ``start``; a short clip is padded with 0, the silence value."""
+    window = spec[:, start : start + n_frames]
+    if window.shape[1] < n_frames:
+        window = np.pad(window, ((0, 0), (0, n_frames - window.shape[1])))
+    return window
+
+
+class CropDataset(Dataset):
+    """Items ``(x, {head: target}, row)`` for the given manifest rows.
+
+    ``targets`` are full-length arrays indexed by manifest row (from :func:`encode_targets`).
+    Training: one random ``n_frames`` crop, x of shape (1, 256, n_frames), the start drawn from
+    (seed, epoch, row) so a resumed run sees exactly the crops an uninterrupted one would; call
+    :meth:`set_epoch` each epoch. Evaluation: ``eval_crops`` fixed evenly spaced crops stacked to
+    (eval_crops, 1, 256, n_frames); the caller averages their predictions.
+    """
+
+    def __init__(self, cache, rows: Sequence[int], targets: dict[str, np.ndarray], n_frames: int = 256,
+                 train: bool = True, eval_crops: int = 3, seed: int = 0):
+        self.cache = cache
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.targets = targets
+        self.n_frames = n_frames
+        self.train = train
+        self.eval_crops = eval_crops
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        spec = self.cache.get(row)
+        if self.train:
+            span = max(spec.shape[1] - self.n_frames, 0)
+            start = int(_rng(self.seed, "crop", self.epoch, row).integers(0, span + 1))
+            x = fit_crop(spec, start, self.n_frames)[None]
+        else:
+            starts = crop_starts(spec.shape[1], self.n_frames, self.eval_crops)
+            x = np.stack([fit_crop(spec, s, self.n_frames)[None] for s in starts])
+        y = {head: torch.tensor(t[row], dtype=torch.int64) for head, t in self.targets.items()}
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), y, row
+
+
+class BalancedSampler(Sampler[int]):
+    """Draws training items with probability inversely proportional to their class frequency.
+
+    Seeded by (seed, epoch) like DistributedSampler, so resume and world size do not change the
+    draw: the same global sequence is generated on every rank and rank r takes items r, r+W, ...
+    """
+
+    def __init__(self, labels: np.ndarray, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        labels = np.asarray(labels)
+        valid = labels >= 0
+        counts = np.bincount(labels[valid]) if valid.any() else np.zeros(1)
+        weights = np.where(valid, 1.0 / np.maximum(counts[np.clip(labels, 0, None)], 1), 0.0)
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.seed, self.num_replicas, self.rank, self.epoch = seed, num_replicas, rank, 0
+        self.total = (len(labels) // num_replicas) * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.total // self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        draw = torch.multinomial(self.weights, self.total, replacement=True, generator=g).tolist()
+        return iter(draw[self.rank : self.total : self.num_replicas])
