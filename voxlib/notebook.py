@@ -1,0 +1,77 @@
+"""The first cells of every notebook: parameters -> a checked Config, paths resolved one way.
+
+A notebook may run under papermill (kernel in whatever folder papermill was started from), under
+``voxlib.report`` (kernel in ``notebooks/``, absolute paths) or in Jupyter (kernel in
+``notebooks/``). So that one parameter value means one file in all three, a *relative* path in a
+notebook parameter is resolved against the project root (the checkout holding ``voxlib``), never
+against the kernel's working directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import re
+import warnings
+from pathlib import Path
+
+from voxlib.config import Config, ConfigError, outputs_dir, project_root
+
+PATH_FIELDS = ("manifest", "run_dir", "compare_run_dir", "cache_dir")  # str fields naming files/folders
+
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+!|~$-])")  # <, >, & are left to html.escape
+
+
+def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
+    """Make every non-empty path field absolute, relative ones against ``base`` (project root)."""
+    base = Path(base) if base is not None else project_root()
+    changes = {}
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value:
+            path = Path(value).expanduser()
+            changes[name] = str(path if path.is_absolute() else (base / path).resolve())
+    return dataclasses.replace(cfg, **changes)
+
+
+def default_run_dir(cfg: Config) -> Path:
+    """The run folder training picks when ``run_dir`` is "": ``outputs/runs/<corpus name>``.
+
+    The corpus name is the manifest's folder name, and ``demo`` for the built-in corpus.
+    """
+    name = Path(cfg.manifest).parent.name if cfg.manifest else "demo"
+    return outputs_dir() / "runs" / name
+
+
+def prepare(cfg: Config, need: str = "manifest") -> Config:
+    """Check what a notebook needs before any slow cell runs; return the Config with paths resolved.
+
+    ``need="manifest"``: the manifest must exist; "" builds the demo corpus first (slow once).
+    ``need="run"``: the run folder (and ``compare_run_dir`` if given) must hold a finished run.
+    """
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
+    cfg = resolve_paths(cfg)
+    if need == "manifest":
+        if not cfg.manifest:
+            from voxlib.demo import ensure_demo_corpus
+
+            cfg = dataclasses.replace(cfg, manifest=str(Path(ensure_demo_corpus(cfg)).resolve()))
+        if not Path(cfg.manifest).is_file():
+            raise ConfigError(f"parameter 'manifest': no such file {cfg.manifest}")
+    elif need == "run":
+        if not cfg.run_dir:
+            cfg = dataclasses.replace(cfg, run_dir=str(default_run_dir(cfg)))
+        for name in ("run_dir", "compare_run_dir"):
+            folder = getattr(cfg, name)
+            if folder and not (Path(folder) / "predictions.csv").is_file():
+                raise ConfigError(
+                    f"parameter {name!r}: {folder} holds no finished run (no predictions.csv); "
+                    "train first (notebook 02 or python -m voxlib.train)"
+                )
+    else:
+        raise ValueError(f"need must be 'manifest' or 'run', got {need!r}")
+    return cfg
+
+
+def escape_markdown(text: object) -> str:
+    """A corpus label made safe to paste into Markdown: no HTML, no accidental formatting."""
+    return html.escape(_MARKDOWN_SPECIALS.sub(r"\\\1", str(text)), quote=True)

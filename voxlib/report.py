@@ -1,0 +1,348 @@
+"""Run the three notebooks (explore -> train -> birthplace) and export each to one HTML file.
+
+    python -m voxlib.report [--manifest PATH] [--run-dir DIR] [-p NAME VALUE ...]
+
+With no arguments (``make demo``) it uses the built-in demo corpus and ``outputs/runs/demo``.
+Every ``-p`` name is a field of ``voxlib.config.Config`` and goes to all three notebooks, so one value
+means the same in each. Executed notebooks go to ``DIR/notebooks/``, self-contained HTML (images
+embedded) to ``DIR/reports/``, and ``DIR/reports/index.html`` links them with the run's headline
+numbers.
+
+Paths given here are resolved against the current directory and handed to the notebooks as absolute
+paths (inside a notebook a relative path means relative to the project root; see voxlib.notebook).
+The kernel is this interpreter: a throw-away ``python3`` kernelspec pointing at ``sys.executable``
+shadows any installed one for the duration of the run, so the notebooks never import a different
+voxlib than the one running this command.
+
+A failing notebook stops the chain; the error names the notebook and the cell, the part that ran is
+still exported to HTML, and the exit code is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import html
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from voxlib.config import Config, ConfigError, project_root
+from voxlib.notebook import PATH_FIELDS, default_run_dir
+
+NOTEBOOKS = ("01_explore", "02_train", "03_birthplace")
+
+
+class _EveryFieldIsAParameter(logging.Filter):
+    """Papermill warns about names missing from a notebook's parameters cell; in vox every Config
+    field is a parameter of every notebook (Config.from_namespace checks them), so the warning is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passed unknown parameter")
+
+
+logging.getLogger("papermill").addFilter(_EveryFieldIsAParameter())
+KERNEL_NAME = "python3"
+TQDM_MININTERVAL_S = "15"  # progress bars inside notebooks: few updates, so stored outputs stay small
+
+
+class ReportError(RuntimeError):
+    """A notebook failed; the message names the notebook and the cell."""
+
+
+@dataclass
+class Stage:
+    """One notebook of the chain: where its outputs went, how long it took, what went wrong."""
+
+    name: str
+    executed: Path
+    html: Path
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+@dataclass
+class Report:
+    run_dir: Path
+    index: Path
+    stages: list[Stage]
+
+    @property
+    def ok(self) -> bool:
+        return len(self.stages) == len(NOTEBOOKS) and all(s.ok for s in self.stages)
+
+
+# --- parameters ------------------------------------------------------------------------------------
+def parse_value(name: str, text: str) -> Any:
+    """A ``-p`` value as the notebook should see it.
+
+    String fields keep the text verbatim (a run folder may be called ``2024``); everything else is
+    read the way the papermill CLI reads it (``3`` -> int, ``1e-4`` -> float, ``True`` -> bool), so a
+    wrong value such as ``-p epochs ten`` reaches Config as a str and is reported as a wrong type.
+    """
+    types = {f.name: f.type for f in fields(Config)}
+    if types.get(name) == "str":
+        return text
+    if text in ("True", "False"):
+        return text == "True"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def notebook_parameters(manifest: str = "", run_dir: str = "", params: dict[str, Any] | None = None,
+                        cwd: Path | None = None) -> dict[str, Any]:
+    """Check every parameter before a kernel starts; return them with absolute paths.
+
+    The notebooks check again (they can run without this command), but failing here costs
+    milliseconds instead of a kernel start.
+    """
+    values = dict(params or {})
+    if manifest:
+        values["manifest"] = manifest
+    if run_dir:
+        values["run_dir"] = run_dir
+    cfg = Config.from_dict(values)  # unknown names and wrong types raise ConfigError here
+    cwd = Path(cwd or Path.cwd())
+    for name in PATH_FIELDS:
+        if getattr(cfg, name):
+            values[name] = str((cwd / Path(getattr(cfg, name)).expanduser()).resolve())
+    if values.get("manifest") and not Path(values["manifest"]).is_file():
+        raise ConfigError(f"parameter 'manifest': no such file {values['manifest']}")
+    if values.get("compare_run_dir") and not Path(values["compare_run_dir"]).is_dir():
+        raise ConfigError(f"parameter 'compare_run_dir': no such folder {values['compare_run_dir']}")
+    if not values.get("run_dir"):
+        values["run_dir"] = str(default_run_dir(dataclasses.replace(cfg, **values)))
+    return values
+
+
+# --- kernel ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def this_interpreter_kernel() -> Iterator[str]:
+    """Make kernel ``python3`` mean ``sys.executable`` while the notebooks run."""
+    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "TQDM_MININTERVAL")}
+    with tempfile.TemporaryDirectory(prefix="vox-kernel-") as tmp:
+        spec_dir = Path(tmp) / "kernels" / KERNEL_NAME
+        spec_dir.mkdir(parents=True)
+        spec = {
+            # kernel-app log lines (e.g. the local-TCP notice) would drown the one-line-per-notebook progress
+            "argv": [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher", "--log-level=ERROR",
+                     "-f", "{connection_file}"],
+            "display_name": "Python 3 (ipykernel)",
+            "language": "python",
+        }
+        (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [tmp, saved["JUPYTER_PATH"]]))
+        os.environ.setdefault("TQDM_MININTERVAL", TQDM_MININTERVAL_S)
+        try:
+            yield KERNEL_NAME
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+# --- execution and export --------------------------------------------------------------------------
+def describe_failure(notebook: str, err: BaseException) -> str:
+    """One readable paragraph: which notebook, which cell, which exception."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(err, PapermillExecutionError):
+        lines = [ln for ln in (err.source or "").splitlines() if ln.strip()]
+        first = lines[0].strip() if lines else ""
+        return (f"{notebook}.ipynb failed in cell In [{err.exec_count}] "
+                f"(cell {err.cell_index} of the executed notebook): {first}\n"
+                f"{err.ename}: {err.evalue}")
+    return f"{notebook}.ipynb failed: {type(err).__name__}: {err}"
+
+
+# JupyterLab's HTML template minus the scripts it loads from a CDN (MathJax, require.js, mermaid):
+# the notebooks need none of them, and a report must open offline.
+_OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
+def export_html(notebook: Path, target: Path) -> Path:
+    """One self-contained HTML file: styles inline, figures and audio as embedded data."""
+    import jinja2
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(notebook, as_version=4)
+    exporter = HTMLExporter(embed_images=True, template_file="vox_offline.html.j2",
+                            extra_loaders=[jinja2.DictLoader({"vox_offline.html.j2": _OFFLINE_TEMPLATE})])
+    body, _ = exporter.from_notebook_node(nb)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(body, encoding="utf-8")
+    return target
+
+
+def run_notebook(name: str, values: dict[str, Any], run_dir: Path, kernel: str,
+                 notebooks_dir: Path) -> Stage:
+    import papermill as pm
+
+    stage = Stage(name, run_dir / "notebooks" / f"{name}.ipynb", run_dir / "reports" / f"{name}.html")
+    stage.executed.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(notebooks_dir / f"{name}.ipynb"), str(stage.executed), parameters=values,
+            kernel_name=kernel, cwd=str(notebooks_dir), progress_bar=False,
+        )
+    except Exception as err:  # a failed cell, a dead kernel, a timeout: all stop the chain
+        stage.error = describe_failure(name, err)
+    stage.seconds = time.perf_counter() - start
+    if stage.executed.exists():  # papermill saves the notebook up to the failing cell
+        export_html(stage.executed, stage.html)
+    return stage
+
+
+def run_report(manifest: str = "", run_dir: str = "", params: dict[str, Any] | None = None,
+               notebooks_dir: Path | None = None, log=print) -> Report:
+    """Execute 01 -> 03 and write the HTML reports; stop at the first failing notebook."""
+    values = notebook_parameters(manifest, run_dir, params)
+    run = Path(values["run_dir"])
+    notebooks_dir = Path(notebooks_dir or project_root() / "notebooks")
+    stages: list[Stage] = []
+    with this_interpreter_kernel() as kernel:
+        for name in NOTEBOOKS:
+            log(f"{name}: running ...")
+            stage = run_notebook(name, values, run, kernel, notebooks_dir)
+            stages.append(stage)
+            log(f"{name}: {'ok' if stage.ok else 'FAILED'} in {stage.seconds:.1f} s")
+            if not stage.ok:
+                break
+    report = Report(run, run / "reports" / "index.html", stages)
+    write_index(report, values)
+    return report
+
+
+# --- index.html ------------------------------------------------------------------------------------
+HEADLINE_SPLITS = ("seen_test", "unseen_test")
+
+
+def headline(run_dir: Path) -> "pd.DataFrame | None":
+    """Per head and test set: accuracy beside chance and the majority baseline; None without a run."""
+    from voxlib.evaluate import accuracy_table, load_run
+
+    if not (Path(run_dir) / "predictions.csv").exists():
+        return None
+    return accuracy_table(load_run(run_dir), splits=HEADLINE_SPLITS)
+
+
+def training_seconds(run_dir: Path) -> float | None:
+    """Wall time the trainer logged (sum of the per-epoch ``seconds`` rows of metrics.csv)."""
+    import pandas as pd
+
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return None
+    metrics = pd.read_csv(path)
+    return float(metrics.loc[metrics["metric"] == "seconds", "value"].sum())
+
+
+def write_index(report: Report, values: dict[str, Any]) -> Path:
+    esc = html.escape
+    rows = []
+    for stage in report.stages:
+        link = (f'<a href="{esc(stage.html.name)}">{esc(stage.name)}</a>' if stage.html.exists()
+                else esc(stage.name))
+        status = "ok" if stage.ok else f"<pre class='error'>{esc(stage.error)}</pre>"
+        rows.append(f"<tr><td>{link}</td><td>{stage.seconds:.1f} s</td><td>{status}</td></tr>")
+    for name in NOTEBOOKS[len(report.stages):]:
+        rows.append(f"<tr><td>{esc(name)}</td><td></td><td>not run</td></tr>")
+    params = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in sorted(values.items()))
+    total = sum(s.seconds for s in report.stages)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>vox report: {esc(report.run_dir.name)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; }}
+.error {{ color: #a00; white-space: pre-wrap; margin: 0; }}
+</style></head><body>
+<h1>vox report: {esc(report.run_dir.name)}</h1>
+<p>Run folder: <code>{esc(str(report.run_dir))}</code></p>
+<h2>Notebooks</h2>
+<table><tr><th>notebook</th><th>wall time</th><th>status</th></tr>
+{''.join(rows)}
+<tr><td>total</td><td>{total:.1f} s</td><td></td></tr></table>
+{headline_html(report)}
+<h2>Parameters</h2>
+<table>{params}</table>
+</body></html>
+"""
+    report.index.parent.mkdir(parents=True, exist_ok=True)
+    report.index.write_text(page, encoding="utf-8")
+    return report.index
+
+
+def headline_html(report: Report) -> str:
+    """The headline table; every label string (majority class names) is HTML-escaped."""
+    esc = html.escape
+    try:
+        table = headline(report.run_dir)
+    except Exception as err:  # a half-written run must not hide the notebook errors above it
+        return f"<h2>Headline numbers</h2><p class='error'>cannot read the run: {esc(str(err))}</p>"
+    if table is None or table.empty:
+        return "<h2>Headline numbers</h2><p>No predictions in the run folder yet.</p>"
+    rows = []
+    for r in table.itertuples(index=False):
+        beats = "yes" if r.accuracy > r.majority else "no"
+        rows.append(
+            f"<tr><td>{esc(str(r.head))}</td><td>{esc(str(r.split))}</td><td>{r.n}</td>"
+            f"<td><b>{r.accuracy:.1%}</b></td><td>{r.majority:.1%} ({esc(str(r.majority_class))})</td>"
+            f"<td>{r.chance:.1%}</td><td>{r.balanced_accuracy:.1%}</td><td>{r.top3:.1%}</td><td>{beats}</td></tr>")
+    seconds = training_seconds(report.run_dir)
+    wall = f"<p>Training wall time (from metrics.csv): {seconds / 60:.1f} min.</p>" if seconds else ""
+    return (
+        "<h2>Headline numbers</h2>\n"
+        "<p>Test accuracy per head on held-out utterances of training speakers (seen_test) and on "
+        "speakers never trained on (unseen_test), beside the majority baseline (the most frequent "
+        "training class, named) and chance.</p>\n"
+        "<table><tr><th>head</th><th>test set</th><th>n</th><th>accuracy</th><th>majority baseline</th>"
+        "<th>chance</th><th>balanced accuracy</th><th>top-3</th><th>beats majority</th></tr>\n"
+        + "\n".join(rows) + "</table>\n" + wall
+    )
+
+
+# --- command line ----------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m voxlib.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manifest", default="", help='corpus manifest CSV; default: the built-in demo corpus')
+    parser.add_argument("--run-dir", default="", help="run folder; default: outputs/runs/<corpus name>")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="any Config field, passed to every notebook (repeatable)")
+    args = parser.parse_args(argv)
+    params = {name: parse_value(name, value) for name, value in args.parameter}
+    try:
+        report = run_report(args.manifest, args.run_dir, params)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not report.ok:
+        print(f"error: {report.stages[-1].error}", file=sys.stderr)
+    print(f"reports: {report.index}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
