@@ -1,0 +1,151 @@
+"""Figures shared by the notebooks and the HTML reports.
+
+Each function takes a table made by ``voxlib.evaluate`` or ``voxlib.analysis`` and returns a
+matplotlib Figure. The figure is already closed in pyplot's registry: it still renders when a
+notebook cell returns it or ``fig.savefig`` is called, but a loop over many runs leaks nothing and an
+inline backend does not draw it twice. Works under the Agg backend (no display needed).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+SPLIT_ORDER = ("train", "seen_val", "unseen_val", "seen_test", "unseen_test")
+ANNOTATE_MAX = 15  # confusion matrices up to this many classes print each cell's value
+LEGEND_MAX = 20  # scatter plots with more label values than this skip the legend
+COMPARE_MEASURES = ("accuracy_seen", "accuracy_unseen", "balanced_accuracy_unseen", "majority_unseen",
+                    "through_speaker_seen", "probe_accuracy", "coarse_accuracy_unseen", "gradient_share")
+
+
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kw) -> tuple[Figure, np.ndarray]:
+    fig = plt.figure(figsize=(width, height), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False, **kw).ravel())
+    return fig, axes
+
+
+def _done(fig: Figure) -> Figure:
+    plt.close(fig)
+    return fig
+
+
+def learning_curves(curves: pd.DataFrame, ylabel: str = "cross-entropy") -> Figure:
+    """One panel per head: the metric against epoch, one line per split (train / seen / unseen val).
+
+    ``curves`` is ``evaluate.learning_curves(run, metric)``. With ``metric="loss"`` this is the seed's
+    softmax cross-entropy figure; with ``metric="acc"`` its accuracy figure.
+    """
+    heads = list(dict.fromkeys(curves["head"]))
+    splits = [s for s in SPLIT_ORDER if s in set(curves["split"])]
+    fig, axes = _figure(3.6 * len(heads), 3.2, ncols=len(heads), sharey=ylabel.startswith("acc"))
+    for ax, head in zip(axes, heads):
+        sns.lineplot(data=curves[curves["head"] == head], x="epoch", y="value", hue="split", hue_order=splits,
+                     marker="o", markersize=3, ax=ax, legend=ax is axes[0])
+        ax.set(title=head, ylabel=ylabel, xlabel="epoch")
+    return _done(fig)
+
+
+def confusion_heatmap(matrix: pd.DataFrame, title: str = "") -> Figure:
+    """Row-normalised confusion matrix that stays readable from 2 to 100+ classes.
+
+    The figure grows with the number of classes, tick labels shrink, and cell values are printed
+    only up to ANNOTATE_MAX classes (beyond that the numbers would overprint each other).
+    """
+    n = max(len(matrix), 1)
+    side = min(max(4.0, 0.25 * n + 2.5), 30.0)
+    font = float(np.clip(11 - n / 8, 4, 10))
+    fig, axes = _figure(side + 1.2, side)
+    ax = axes[0]
+    sns.heatmap(matrix, vmin=0, vmax=1, cmap="Blues", square=True, annot=n <= ANNOTATE_MAX, fmt=".2f",
+                annot_kws={"fontsize": font}, xticklabels=True, yticklabels=True,
+                cbar_kws={"label": "share of true class", "shrink": 0.6}, ax=ax)
+    ax.tick_params(labelsize=font)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    return _done(fig)
+
+
+def recall_vs_size(table: pd.DataFrame, size: str = "train_speakers", recall: Sequence[str] | str = ("recall_seen", "recall_unseen")) -> Figure:
+    """Per-class recall against training size (log x): do small classes fail?
+
+    ``table`` is ``analysis.class_size_table`` (recall_seen / recall_unseen) or
+    ``evaluate.per_class_metrics`` (pass ``recall="recall"``).
+    """
+    recall = [recall] if isinstance(recall, str) else [r for r in recall if r in table.columns]
+    long = table.melt(id_vars=["class", size], value_vars=recall, var_name="set", value_name="recall").dropna()
+    fig, axes = _figure(5.0, 3.8)
+    ax = axes[0]
+    sns.scatterplot(data=long, x=size, y="recall", hue="set", style="set", s=40, alpha=0.8, ax=ax)
+    ax.set_xscale("log")
+    ax.set(xlabel=size.replace("_", " ") + " (log)", ylabel="recall", ylim=(-0.05, 1.05))
+    return _done(fig)
+
+
+def embedding_scatter(projection: pd.DataFrame, hues: Sequence[str] = ("birthplace", "sex")) -> Figure:
+    """The 2-D projection of trunk features, one panel per label used as colour, marker per split."""
+    hues = [h for h in hues if h in projection.columns]
+    if not hues:
+        raise ValueError(f"none of the label columns {list(hues)} is in the projection")
+    method = {"pca": "PCA", "tsne": "t-SNE"}.get(projection["method"].iloc[0], "projection") \
+        if "method" in projection else "projection"
+    fig, axes = _figure(5.0 * len(hues), 4.5, ncols=len(hues))
+    for ax, hue in zip(axes, hues):
+        n = projection[hue].nunique()
+        palette = "tab10" if n <= 10 else "tab20" if n <= 20 else "husl"
+        sns.scatterplot(data=projection, x="x", y="y", hue=hue, style="split" if "split" in projection else None,
+                        palette=palette, s=18, alpha=0.8, legend="brief" if n <= LEGEND_MAX else False, ax=ax)
+        ax.set(title=f"{method} of trunk features, by {hue}" + ("" if n <= LEGEND_MAX else f" ({n} classes)"),
+               xlabel="", ylabel="", xticks=[], yticks=[])
+        if n <= LEGEND_MAX:
+            ax.legend(fontsize=7, markerscale=0.8, loc="best")
+    return _done(fig)
+
+
+def seen_unseen_bars(table: pd.DataFrame) -> Figure:
+    """Accuracy on seen vs unseen speakers per head, each beside its majority baseline.
+
+    ``table`` is ``analysis.seen_unseen(run)``.
+    """
+    parts = {"seen": "seen", "seen_majority": "seen, majority", "unseen": "unseen",
+             "unseen_majority": "unseen, majority"}
+    long = table.melt(id_vars="head", value_vars=list(parts), var_name="set", value_name="accuracy")
+    long["set"] = long["set"].map(parts)
+    fig, axes = _figure(3.2 + 1.6 * len(table), 3.6)
+    ax = axes[0]
+    paired = sns.color_palette("Paired", 4)  # light/dark blue, light/dark green: baselines are light
+    palette = dict(zip(parts.values(), [paired[1], paired[0], paired[3], paired[2]]))
+    sns.barplot(data=long, x="head", y="accuracy", hue="set", hue_order=list(parts.values()), palette=palette, ax=ax)
+    ax.set(ylim=(0, 1), xlabel="", ylabel="accuracy")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _done(fig)
+
+
+def compare_runs(comparison: pd.DataFrame, measures: Sequence[str] = COMPARE_MEASURES) -> Figure:
+    """Two (or more) runs side by side on the fraction-valued measures of ``analysis.compare_runs``."""
+    runs = [c for c in comparison.columns if c != "difference"]
+    keep = [m for m in measures if m in comparison.index]
+    long = comparison.loc[keep, runs].reset_index().melt(id_vars="measure", var_name="run", value_name="value")
+    long["value"] = pd.to_numeric(long["value"], errors="coerce")
+    long = long.dropna()
+    fig, axes = _figure(6.0, 0.5 * max(len(keep), 2) + 1.2)
+    ax = axes[0]
+    sns.barplot(data=long, y="measure", x="value", hue="run", orient="h", ax=ax)
+    ax.set(xlim=(0, 1), xlabel="fraction", ylabel="")
+    return _done(fig)
+
+
+def gradient_share(shares: pd.DataFrame) -> Figure:
+    """Share of the trunk gradient per head over epochs (stacked to 1); ``analysis.gradient_share``."""
+    wide = shares.pivot(index="epoch", columns="head", values="share").fillna(0)
+    fig, axes = _figure(5.5, 3.4)
+    ax = axes[0]
+    colours = sns.color_palette("Set2", len(wide.columns))
+    ax.stackplot(wide.index, wide.T.to_numpy(), labels=list(wide.columns), colors=colours, alpha=0.9)
+    ax.set(xlabel="epoch", ylabel="share of gradient norm", ylim=(0, 1),
+           xlim=(wide.index.min(), max(wide.index.max(), wide.index.min() + 1)))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return _done(fig)
+
