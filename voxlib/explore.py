@@ -21,7 +21,8 @@ def load(cfg: Config):
     """The manifest as training will read it (same bad-file policy)."""
     from voxlib.corpora.manifest import read_manifest
 
-    return read_manifest(cfg.manifest, on_bad_file=cfg.on_bad_file, allow_outside_paths=cfg.allow_outside_paths)
+    return read_manifest(cfg.manifest, on_bad_file=cfg.on_bad_file, allow_outside_paths=cfg.allow_outside_paths,
+                         sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, cache_dir=cfg.cache_dir or None)
 
 
 def has_labels(table: pd.DataFrame, column: str) -> bool:
@@ -83,6 +84,8 @@ def summary(table: pd.DataFrame, by: str) -> pd.DataFrame:
     out = frame.groupby(by).agg(utterances=("seconds", "size"), speakers=("speaker", "nunique"),
                                 minutes=("seconds", "sum"), mean_seconds=("seconds", "mean"))
     out["minutes"] = out["minutes"] / 60
+    if by == "speaker":
+        out = out.drop(columns="speakers")
     out = out.reset_index().sort_values(["utterances", by], ascending=[False, True])
     return out.set_index(by)
 
@@ -205,7 +208,7 @@ def spectrogram_grid(table: pd.DataFrame, cfg: Config, per_group: int = 1, max_g
     return fig
 
 
-def audio_examples(table: pd.DataFrame, cfg: Config, n: int = 4, max_seconds: float = 4.0, seed: int = 0):
+def audio_examples(table: pd.DataFrame, cfg: Config, n: int = 4, max_seconds: float = 3.0, seed: int = 0):
     """``(caption, IPython Audio)`` for ``n`` example clips, each cut to ``max_seconds``.
 
     The caption is Markdown with the labels escaped (corpus labels are untrusted text).

@@ -36,10 +36,14 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
 def default_run_dir(cfg: Config) -> Path:
     """The run folder training picks when ``run_dir`` is "": ``outputs/runs/<corpus name>``.
 
-    The corpus name is the manifest's folder name, and ``demo`` for the built-in corpus.
+    The corpus name is the manifest's folder name; the built-in corpus lives in a folder named after
+    its settings (voxlib.demo.demo_tag), so other demo settings never resume an unrelated run.
     """
-    name = Path(cfg.manifest).parent.name if cfg.manifest else "demo"
-    return outputs_dir() / "runs" / name
+    if cfg.manifest:
+        return outputs_dir() / "runs" / Path(cfg.manifest).absolute().parent.name
+    from voxlib.demo import demo_tag
+
+    return outputs_dir() / "runs" / demo_tag(cfg)
 
 
 def prepare(cfg: Config, need: str = "manifest") -> Config:
@@ -75,3 +79,10 @@ def prepare(cfg: Config, need: str = "manifest") -> Config:
 def escape_markdown(text: object) -> str:
     """A corpus label made safe to paste into Markdown: no HTML, no accidental formatting."""
     return html.escape(_MARKDOWN_SPECIALS.sub(r"\\\1", str(text)), quote=True)
+
+
+def as_table(values: dict, name: str = "value"):
+    """A flat dict of numbers and names as a one-column table (reads better than a dict repr)."""
+    import pandas as pd
+
+    return pd.Series(values, name=name, dtype=object).to_frame()
