@@ -5,7 +5,7 @@
     python -m voxlib.corpora NAME --help          # that adapter's options
 
 NAME is one of csj, vctk, accent_archive, common_voice, jvs (docs/corpora.md: the layout each expects).
-Without -o the manifest is ROOT/vox_manifest.csv. Elsewhere, its paths are relative and climb out of
+Without -o the manifest is ROOT/vox_manifest.csv. Written outside ROOT, its relative paths climb out of
 its folder ('../'), so train it with --allow-outside-paths (notebooks: -p allow_outside_paths True).
 Prints a summary; every dropped row is listed with its reason in rejected.csv beside the manifest.
 Exit status: 0 written, 1 written but empty, 2 the corpus could not be read.
@@ -19,8 +19,9 @@ from .common import ADAPTER_MODULES, adapter_module, add_common_arguments
 
 
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="python -m voxlib.corpora", description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    intro, usage = __doc__.split("\n\n", 1)
+    main = argparse.ArgumentParser(prog="python -m voxlib.corpora", description=intro, epilog=usage,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     names = main.add_subparsers(dest="name", required=True, metavar="NAME", help=", ".join(ADAPTER_MODULES))
     for name in ADAPTER_MODULES:
         module = adapter_module(name)

@@ -29,6 +29,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .common import (CommonOptions, CorpusError, Rejection, Summary, Utterance, clean_label, default_out,
                      fmt_seconds, read_text, write_corpus)
 
@@ -237,7 +239,7 @@ def build_manifest(
     utterances: list[Utterance] = []
     rejections: list[Rejection] = []
     unrecognised: set[str] = set()
-    for xml in xml_files:
+    for xml in tqdm(xml_files, desc="csj: reading talk XML", unit="talk", disable=not options.progress):
         try:
             talk = parse_xml(xml)
         except (ET.ParseError, UnicodeDecodeError, LookupError) as err:
