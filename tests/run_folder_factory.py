@@ -86,8 +86,6 @@ def make_run_folder(
     splits.insert(0, "row", np.arange(len(splits)))
     if not regions:
         splits = splits.drop(columns="region")
-    if "birthplace" not in heads:
-        splits = splits.drop(columns="birthplace")
     train = splits[splits["split"] == "train"]
     labels = {"speaker": sorted(train["speaker"].unique()), "birthplace": sorted(set(places)),
               "sex": list(SEXES)}
@@ -161,8 +159,7 @@ def make_run_folder(
         centroid = {p: v for p, v in zip(places, rng.normal(size=(n_classes, embedding_dim)))}
         offset = {s: rng.normal(scale=0.3, size=embedding_dim) for s in splits["speaker"].unique()}
         features = np.stack([probe_signal * centroid[p] + offset[s] + rng.normal(size=embedding_dim)
-                             for p, s in zip(chosen["birthplace"] if "birthplace" in chosen else
-                                             [places[0]] * len(chosen), chosen["speaker"])])
+                             for p, s in zip(chosen["birthplace"], chosen["speaker"])])
         np.savez(root / "embeddings.npz", features=features.astype(np.float16),
                  row=chosen["row"].to_numpy(), split=chosen["split"].to_numpy().astype(str))
 
@@ -171,7 +168,8 @@ def make_run_folder(
                "cache_key": "synthetic"}
     (root / "config.json").write_text(json.dumps(config, indent=1))
     (root / "labels.json").write_text(json.dumps(labels, indent=1))
-    splits.to_csv(root / "splits.csv", index=False)
+    # a corpus without birthplaces (JVS) has no such column at all
+    splits.drop(columns=[] if "birthplace" in heads else ["birthplace"]).to_csv(root / "splits.csv", index=False)
     order = ["row", "path", "speaker", "split"] + [f"{h}_{part}" for h in heads
                                                    for part in ("true", "pred", "prob", "top5")]
     pred[order].to_csv(root / "predictions.csv", index=False)

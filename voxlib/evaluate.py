@@ -177,7 +177,7 @@ def _read_embeddings(path: Path, splits: pd.DataFrame) -> Embeddings:
     disagree = np.flatnonzero(expected != split)
     if disagree.size:
         k = int(disagree[0])
-        raise RunError(f"{path}: row {row[k]} is marked {split[k]!r} but splits.csv puts it in {expected[k]!r}")
+        raise RunError(f"{path}: row {row[k]} is marked {str(split[k])!r} but splits.csv puts it in {str(expected[k])!r}")
     if not np.isfinite(features).all():
         bad = row[~np.isfinite(features).all(axis=1)][:5].tolist()
         raise RunError(f"{path}: non-finite features for rows {bad}")
@@ -277,16 +277,20 @@ def accuracy_table(run: Run, heads: Sequence[str] | None = None,
                    splits: Sequence[str] = HELD_OUT_SPLITS) -> pd.DataFrame:
     """One row per head and held-out split: accuracy beside chance and the majority baseline.
 
-    A (head, split) pair without targets (speaker on unseen speakers) has no row.
+    ``n`` counts the scored rows; ``unscored`` the split's rows without a target for the head (e.g.
+    a class the head was never trained on), which are left out of every score rather than hidden.
+    A (head, split) pair with no target at all (speaker on unseen speakers) has no row.
     """
     records = []
     for head in heads or run.heads:
         for split in splits:
             rows = scored(run, head, split)
             if len(rows):
-                records.append({"head": head, "split": split, **scores(run, head, rows)})
+                total = int((run.predictions["split"] == split).sum())
+                records.append({"head": head, "split": split, **scores(run, head, rows),
+                                "unscored": total - len(rows)})
     return pd.DataFrame(records, columns=["head", "split", "n", "accuracy", "top3", "balanced_accuracy",
-                                          "chance", "majority", "majority_class"])
+                                          "chance", "majority", "majority_class", "unscored"])
 
 
 def per_class_metrics(run: Run, head: str, splits: Splits = UNSEEN_SPLITS) -> pd.DataFrame:
