@@ -1,0 +1,432 @@
+"""Waveform -> 256-bin spectrogram in [0, 1], and the on-disk cache every run reads features from.
+
+The transform (``spectrogram``), for a mono float waveform ``x`` at ``cfg.sample_rate``:
+
+1. ``X = torch.stft(x, n_fft, hop_length, window=hann_window(n_fft) (periodic), center=True,
+   pad_mode="reflect")`` — with the defaults 510/125 that is 256 bins x one frame per 7.8 ms,
+   ``T = 1 + len(x) // hop_length`` frames.
+2. Power ``P = |X|^2``; for ``feature="mel"`` ``P = M @ P`` with the 256-band mel filterbank ``M``
+   of ``mel_filterbank`` (see there for how bands narrower than one STFT bin are handled).
+3. Level relative to a full-scale sine, ``dB = 10 log10(P / ref^2)`` with ``ref = sum(window) / 2``
+   (the magnitude a sine of amplitude 1 reaches in its bin), so a full-scale sine reads 0 dB.
+4. ``clip((dB + top_db) / top_db, 0, 1)``: 0 dB -> 1, ``-top_db`` and below (silence) -> 0.
+
+Long waves are cut into pieces of at most ``_PIECE_FRAMES`` frames whose samples overlap by
+``n_fft - hop``; each piece yields exactly the frames the whole wave would, so batching clips of any
+length into one ``torch.stft`` call changes no value and memory stays bounded.
+
+The cache stores these spectrograms once per (corpus, feature settings) so training never decodes
+audio: see ``FeatureCache``.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import secrets
+import shutil
+import sys
+import time
+import warnings
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from voxlib import __version__
+from voxlib.audio import load_audio
+from voxlib.config import Config, outputs_dir
+
+log = logging.getLogger(__name__)
+
+N_MELS = 256
+FORMAT_VERSION = 1  # bump when the transform or the file layout changes: old caches get a new key
+_PIECE_FRAMES = 2048  # frames per STFT piece (bounds memory for long recordings)
+_BATCH_FRAMES = 4096  # frames per torch.stft call: ~8 MB of complex values, stays in cache
+_MIN_POWER = 1e-30  # floor before log10; anything this small maps to 0 anyway
+
+
+# --- the transform -------------------------------------------------------------------------------
+def n_bins(cfg: Config) -> int:
+    """Feature rows: 256 mel bands, or the n_fft // 2 + 1 STFT bins (256 for n_fft = 510)."""
+    return N_MELS if cfg.feature == "mel" else cfg.n_fft // 2 + 1
+
+
+@functools.lru_cache(maxsize=None)
+def _window(n_fft: int) -> torch.Tensor:
+    return torch.hann_window(n_fft, periodic=True, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int = N_MELS) -> torch.Tensor:
+    """(n_mels, n_fft // 2 + 1) weights on the power spectrum; built once per process.
+
+    librosa.filters.mel with ``htk=True, fmin=0, fmax=sample_rate/2, norm=None``: HTK mel because
+    it is smooth (no linear/log knee at 1 kHz), the full band because the linear feature covers it
+    too, and unnormalised triangles (peak 1) so a full-scale sine at a band centre still reads
+    about 0 dB, as in the linear feature. 256 bands over 256 bins are denser than the bins below
+    about 2.5 kHz: there a triangle is narrower than a bin and holds less than one bin's weight
+    (27 bands come out empty at 16 kHz). Those bands instead read the power spectrum linearly
+    interpolated at their centre frequency, so every band carries signal and the low bands are a
+    smooth resampling of the linear bins.
+    """
+    import librosa  # deferred: only the mel feature pays librosa's start-up
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Empty filters detected")
+        bank = librosa.filters.mel(
+            sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=0.0, fmax=sample_rate / 2, htk=True, norm=None
+        )
+    centres = librosa.mel_frequencies(n_mels + 2, fmin=0.0, fmax=sample_rate / 2, htk=True)[1:-1]
+    bins = bank.shape[1]
+    for band in np.flatnonzero(bank.sum(axis=1) < 1.0):
+        position = centres[band] * n_fft / sample_rate
+        low = min(int(math.floor(position)), bins - 1)
+        frac = position - low
+        bank[band] = 0.0
+        bank[band, low] += 1.0 - frac
+        bank[band, min(low + 1, bins - 1)] += frac
+    return torch.from_numpy(bank.astype(np.float32))
+
+
+def _scale(power: torch.Tensor, cfg: Config, ref: float) -> torch.Tensor:
+    """Power -> [0, 1] (steps 3-4 of the module docstring), in place: 1 + 10 log10(P / ref^2) / top_db."""
+    gain = 10.0 / cfg.top_db
+    return power.clamp_min_(_MIN_POWER).log10_().mul_(gain).add_(1.0 - gain * 2 * math.log10(ref)).clamp_(0.0, 1.0)
+
+
+def spectrogram_batch(waves: Sequence[np.ndarray | torch.Tensor], cfg: Config) -> list[torch.Tensor]:
+    """Spectrograms of several waves in as few torch.stft calls as memory allows.
+
+    Returns one float32 tensor ``(n_bins, 1 + len(wave) // hop_length)`` per wave, identical to
+    computing each wave alone.
+    """
+    n_fft, hop = cfg.n_fft, cfg.hop_length
+    pad = n_fft // 2
+    window = _window(n_fft)
+    ref = float(window.sum()) / 2
+    bank = mel_filterbank(cfg.sample_rate, n_fft) if cfg.feature == "mel" else None
+    pieces: list[tuple[int, torch.Tensor, int]] = []  # (wave index, samples, frames)
+    for i, wave in enumerate(waves):
+        wave = torch.as_tensor(wave, dtype=torch.float32).reshape(-1)
+        if wave.numel() <= pad:
+            raise ValueError(f"wave {i} has {wave.numel()} samples; reflect padding needs more than {pad}")
+        padded = torch.nn.functional.pad(wave[None, None], (pad, pad), mode="reflect")[0, 0]
+        total = 1 + wave.numel() // hop
+        for first in range(0, total, _PIECE_FRAMES):
+            frames = min(_PIECE_FRAMES, total - first)
+            pieces.append((i, padded[first * hop: first * hop + (frames - 1) * hop + n_fft], frames))
+    parts: list[list[torch.Tensor]] = [[] for _ in waves]
+    start = 0
+    while start < len(pieces):
+        stop, frames = start, 0
+        while stop < len(pieces) and (stop == start or frames + pieces[stop][2] <= _BATCH_FRAMES):
+            frames += pieces[stop][2]
+            stop += 1
+        group = pieces[start:stop]
+        if len(group) == 1:
+            batch = group[0][1][None]
+        else:
+            batch = torch.zeros(len(group), max(p[1].numel() for p in group))
+            for row, (_, samples, _) in enumerate(group):
+                batch[row, : samples.numel()] = samples
+        spec = torch.stft(batch, n_fft, hop_length=hop, win_length=n_fft, window=window, center=False,
+                          return_complex=True)
+        parts_ri = torch.view_as_real(spec)
+        real, imag = parts_ri[..., 0], parts_ri[..., 1]
+        power = (real * real).addcmul_(imag, imag)  # |X|^2; complex abs() is far slower on CPU
+        if bank is not None:
+            power = torch.matmul(bank, power)
+        power = _scale(power, cfg, ref)
+        for row, (i, _, frames) in enumerate(group):
+            parts[i].append(power[row, :, :frames])
+        start = stop
+    return [p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in parts]
+
+
+def spectrogram(wave: np.ndarray | torch.Tensor, cfg: Config) -> torch.Tensor:
+    """One mono waveform at ``cfg.sample_rate`` -> float32 tensor ``(1, n_bins, T)`` in [0, 1].
+
+    The exact transform is in the module docstring; silence maps to 0.
+    """
+    return spectrogram_batch([wave], cfg)[0].unsqueeze(0)
+
+
+# --- the cache -----------------------------------------------------------------------------------
+def feature_settings(cfg: Config) -> dict:
+    """Everything that changes cached values; a change gives a different cache key."""
+    return {
+        "format": FORMAT_VERSION, "sample_rate": cfg.sample_rate, "n_fft": cfg.n_fft,
+        "hop_length": cfg.hop_length, "feature": cfg.feature, "top_db": cfg.top_db, "n_bins": n_bins(cfg),
+    }
+
+
+def cache_key(manifest, cfg: Config) -> str:
+    """Hash of the feature settings, the corpus digest and the rows kept (skip mode drops some)."""
+    rows = manifest.table[["path", "start", "end"]].to_csv(index=False).encode("utf-8", "surrogateescape")
+    blob = json.dumps(
+        {"settings": feature_settings(cfg), "digest": manifest.digest, "rows": hashlib.sha256(rows).hexdigest()},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cache_root(cfg: Config) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else outputs_dir() / "cache"
+
+
+def _features_chunk(jobs: list[tuple[str, float, float]], cfg: Config) -> list[np.ndarray]:
+    """Decode and transform a few rows; time-major float16 ``(T, n_bins)`` arrays, ready to write."""
+    waves = [load_audio(path, cfg.sample_rate, start, end) for path, start, end in jobs]
+    return [s.T.contiguous().to(torch.float16).numpy() for s in spectrogram_batch(waves, cfg)]
+
+
+def _worker_init() -> None:
+    # One intra-op thread per worker: the pool already uses every core.
+    torch.set_num_threads(1)
+
+
+def _write_block(fh, block: np.ndarray) -> None:
+    """Append one clip's frames to features.f16 (a single point to fail, e.g. on a full disk)."""
+    fh.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_meta(folder: Path) -> dict | None:
+    """meta.json of a complete cache folder, or None (missing, unreadable, or sizes disagree)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        size = (folder / "features.f16").stat().st_size
+        ok = meta.get("complete") is True and size == meta["total_frames"] * meta["settings"]["n_bins"] * 2
+        return meta if ok and (folder / "index.csv").is_file() else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FeatureCache:
+    """Spectrograms of every manifest row in one float16 memory map, built once and shared by runs.
+
+    Layout under ``cache_dir/<key>/``: ``features.f16`` (all rows' frames concatenated, time-major
+    ``(total_frames, n_bins)``), ``index.csv`` (``offset,n_frames,row`` per manifest row) and
+    ``meta.json`` (settings, digest, sizes; written last, it marks the folder complete).
+
+    The build writes into a temp folder beside the final one, fsyncs, and renames it into place,
+    so a reader sees a complete cache or none; a leftover temp folder or a folder without a valid
+    meta.json is discarded and rebuilt. Rows are decoded in a process pool in chunks and appended in
+    row order, so memory stays flat however large the corpus. A corpus change changes
+    ``manifest.digest`` and therefore the key: stale features are never served.
+    """
+
+    def __init__(self, manifest, cfg: Config, workers: int | None = None, progress: bool = True):
+        self.key = cache_key(manifest, cfg)
+        self.path = _cache_root(cfg) / self.key
+        meta = _read_meta(self.path)
+        if meta is None:
+            if self.path.exists():
+                log.warning("feature cache %s is incomplete (interrupted build?); rebuilding it", self.path)
+            self._build(manifest, cfg, workers, progress)
+            meta = _read_meta(self.path)
+            if meta is None:
+                raise RuntimeError(f"feature cache {self.path} failed its completeness check right after the build")
+        else:
+            log.info("using feature cache %s", self.path)
+        if meta["n_rows"] != len(manifest.table):
+            raise RuntimeError(f"feature cache {self.path} has {meta['n_rows']} rows, the manifest {len(manifest.table)}")
+        self.meta = meta
+        self.n_bins = int(meta["settings"]["n_bins"])
+        index = pd.read_csv(self.path / "index.csv")
+        self.offsets = index["offset"].to_numpy(np.int64)
+        self.lengths = index["n_frames"].to_numpy(np.int64)
+        self._features: np.memmap | None = None
+
+    @classmethod
+    def build_or_open(cls, manifest, cfg: Config, workers: int | None = None, progress: bool = True) -> "FeatureCache":
+        """Open the cache for (corpus, settings), building it first if it does not exist yet."""
+        return cls(manifest, cfg, workers=workers, progress=progress)
+
+    # --- reading ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def get(self, i: int) -> np.ndarray:
+        """Row ``i``'s spectrogram as float32 ``(n_bins, n_frames_i)``."""
+        i = range(len(self))[i]
+        if self._features is None:
+            self._features = np.memmap(self.path / "features.f16", dtype=np.float16, mode="r",
+                                       shape=(int(self.meta["total_frames"]), self.n_bins))
+        start = self.offsets[i]
+        return np.ascontiguousarray(self._features[start: start + self.lengths[i]].T, dtype=np.float32)
+
+    def __getstate__(self) -> dict:
+        # Data-loader workers get the index, not a copy of the memory map; they reopen it lazily.
+        return {**self.__dict__, "_features": None}
+
+    # --- building --------------------------------------------------------------------------------
+    def _build(self, manifest, cfg: Config, workers: int | None, progress: bool) -> None:
+        root = self.path.parent
+        root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temps(root)
+        self._note_corpus_change(root, manifest, cfg)
+        tmp = root / f".{self.key}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        target = tmp / "features.f16"
+        started = time.perf_counter()
+        try:
+            offsets, lengths = self._write_features(manifest, cfg, target, workers, progress)
+            target = tmp / "index.csv"
+            index = pd.DataFrame({"offset": offsets, "n_frames": lengths, "row": manifest.table["row"].to_numpy()})
+            _write_text(target, index.to_csv(index=False))
+            target = tmp / "meta.json"
+            meta = {
+                "complete": True, "key": self.key, "settings": feature_settings(cfg),
+                "manifest_digest": manifest.digest, "source": str(manifest.source), "name": manifest.name,
+                "n_rows": len(offsets), "total_frames": int(sum(lengths)), "voxlib_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": round(time.perf_counter() - started, 3),
+            }
+            _write_text(target, json.dumps(meta, indent=1))
+            _fsync_dir(tmp)
+            target = self.path
+            self._install(tmp)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = err.strerror or str(err)
+            raise OSError(
+                err.errno,
+                f"building feature cache {self.key} failed while writing {target}: {reason}"
+                f"{' (disk full)' if err.errno == errno.ENOSPC else ''}; the partial build was removed and "
+                f"existing caches in {root} are untouched (free space or set cache_dir)",
+            ) from err
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("built feature cache %s (%d clips, %.1f s)", self.path, len(manifest.table), meta["build_seconds"])
+
+    def _write_features(self, manifest, cfg: Config, target: Path, workers: int | None, progress: bool):
+        table = manifest.table
+        jobs = list(zip(table["path"], table["start"].astype(float), table["end"].astype(float)))
+        if workers is None:
+            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = max(1, min(workers, len(jobs)))
+        size = max(1, min(32, math.ceil(len(jobs) / (workers * 4))))
+        chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+        if cfg.feature == "mel":
+            mel_filterbank(cfg.sample_rate, cfg.n_fft)  # once, before forking, so workers inherit it
+        offsets, lengths, total = [], [], 0
+        bar = tqdm(total=len(jobs), desc=f"features {manifest.name}", unit="clip", disable=not progress)
+        with open(target, "wb") as fh:
+            for blocks in self._chunk_results(chunks, cfg, workers):
+                for block in blocks:
+                    _write_block(fh, block)
+                    offsets.append(total)
+                    lengths.append(len(block))
+                    total += len(block)
+                bar.update(len(blocks))
+            fh.flush()
+            os.fsync(fh.fileno())
+        bar.close()
+        return offsets, lengths
+
+    @staticmethod
+    def _chunk_results(chunks: list, cfg: Config, workers: int):
+        """Yield each chunk's arrays in order; at most 2 chunks per worker in flight (flat memory)."""
+        if workers == 1:
+            # One intra-op thread here too: on a busy machine torch's thread pool spins and stalls.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for chunk in chunks:
+                    yield _features_chunk(chunk, cfg)
+            finally:
+                torch.set_num_threads(threads)
+            return
+        # fork starts workers in milliseconds; elsewhere (macOS, Windows) the platform default.
+        context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+            pending: deque = deque()
+            todo = iter(chunks)
+            for chunk in todo:
+                pending.append(pool.submit(_features_chunk, chunk, cfg))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_features_chunk, nxt, cfg))
+                yield result
+
+    def _install(self, tmp: Path) -> None:
+        """Rename the finished temp folder into place; a concurrent builder may have won the race."""
+        if self.path.exists() and _read_meta(self.path) is None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            os.rename(tmp, self.path)
+        except OSError:
+            if _read_meta(self.path) is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # identical content already installed by another process
+        _fsync_dir(self.path.parent)
+
+    def _remove_stale_temps(self, root: Path) -> None:
+        """Delete temp folders of this key left by builds whose process no longer runs."""
+        for stale in root.glob(f".{self.key}.tmp-*"):
+            try:
+                pid = int(stale.name.split(".tmp-")[1].split("-")[0])
+            except (IndexError, ValueError):
+                pid = -1
+            if pid == os.getpid() or pid < 0 or not _pid_alive(pid):
+                log.warning("removing %s left by an interrupted feature-cache build", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def _note_corpus_change(self, root: Path, manifest, cfg: Config) -> None:
+        """Say when this build replaces a cache of the same manifest built before the corpus changed."""
+        settings = feature_settings(cfg)
+        older = []
+        for meta_file in root.glob("*/meta.json"):
+            meta = _read_meta(meta_file.parent)
+            if meta and meta["source"] == str(manifest.source) and meta["settings"] == settings \
+                    and meta["key"] != self.key:
+                older.append((meta["created"], meta["key"]))
+        if older:
+            log.warning("corpus changed since cache %s was built; building %s", max(older)[1], self.key)
+        else:
+            log.info("building feature cache %s for %s (%d clips)", self.key, manifest.name, len(manifest.table))
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
