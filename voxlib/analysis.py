@@ -64,6 +64,8 @@ STILL_FALLING = 0.05  # relative loss drop over the final window that counts as 
 LOW_GRADIENT_SHARE = 0.5  # below this fraction of an equal share, a head is starved of gradient
 ROLLUP_GAIN = 0.15  # share of errors inside the true region beyond what random errors would give
 MIN_UTTERANCES = 30  # fewer scored utterances than this and the percentages are flagged as rough
+MIN_SPEAKERS = 5  # fewer unseen speakers than this and the percentages are flagged as rough
+EVIDENCE_Z = 2.0  # a difference must also exceed this many speaker-clustered standard errors
 TSNE_MAX = 2000  # t-SNE above this many points is slow and no clearer than PCA
 TSNE_THREADED_FROM = 1000  # below this many points t-SNE runs single-threaded (faster)
 
@@ -126,22 +128,38 @@ def baselines(run: Run, head: str = "birthplace") -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
+def speaker_accuracy(run: Run, head: str, splits) -> pd.Series:
+    """Accuracy per speaker: the unit that varies independently (utterances of one voice do not)."""
+    rows = scored(run, head, splits)
+    return (rows[f"{head}_true"] == rows[f"{head}_pred"]).groupby(rows["speaker"]).mean()
+
+
+def clustered_se(per_speaker: pd.Series | np.ndarray) -> float:
+    """Standard error of a mean over speakers; infinite with fewer than two speakers (unknowable)."""
+    values = np.asarray(per_speaker, dtype=float)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) >= 2 else float("inf")
+
+
 # --- 2. seen vs unseen speakers ---------------------------------------------------------------------
 def seen_unseen(run: Run, heads: Sequence[str] = ("birthplace", "sex")) -> pd.DataFrame:
     """Accuracy on held-out utterances of training speakers vs on unseen speakers, per head.
 
     A large ``gap`` means the head recognises voices it was trained on rather than the label.
+    ``gap_se`` is its standard error with speakers as the unit (utterances of one speaker are not
+    independent evidence), ``speakers_unseen`` how many unseen speakers there are.
     """
     records = []
     for head in [h for h in heads if _has(run, h)]:
         seen, unseen = (scored(run, head, GROUPS[g]) for g in ("seen", "unseen"))
         s, u = scores(run, head, seen), scores(run, head, unseen)
+        per_seen, per_unseen = (speaker_accuracy(run, head, GROUPS[g]) for g in ("seen", "unseen"))
         records.append({"head": head, "seen": s["accuracy"], "unseen": u["accuracy"],
-                        "gap": s["accuracy"] - u["accuracy"], "seen_majority": s["majority"],
-                        "unseen_majority": u["majority"], "chance": s["chance"], "n_seen": s["n"],
-                        "n_unseen": u["n"]})
-    return pd.DataFrame(records, columns=["head", "seen", "unseen", "gap", "seen_majority", "unseen_majority",
-                                          "chance", "n_seen", "n_unseen"])
+                        "gap": s["accuracy"] - u["accuracy"],
+                        "gap_se": float(np.hypot(clustered_se(per_seen), clustered_se(per_unseen))),
+                        "seen_majority": s["majority"], "unseen_majority": u["majority"], "chance": s["chance"],
+                        "n_seen": s["n"], "n_unseen": u["n"], "speakers_unseen": len(per_unseen)})
+    return pd.DataFrame(records, columns=["head", "seen", "unseen", "gap", "gap_se", "seen_majority",
+                                          "unseen_majority", "chance", "n_seen", "n_unseen", "speakers_unseen"])
 
 
 # --- 3. class size ----------------------------------------------------------------------------------
@@ -294,6 +312,7 @@ def linear_probe(run: Run, head: str = "birthplace", train_splits: Sequence[str]
     row whose speaker is unseen would let the probe recognise the test voices, so it is an error.
     ``head_accuracy`` is the head's own accuracy on exactly the probe's test utterances: if the
     probe beats it, the information is in the trunk and the head or its training is the problem.
+    ``difference_se`` is the standard error of (probe - head) with speakers as the unit.
     """
     if head not in run.splits.columns:
         raise RunError(f"{run.path / 'splits.csv'}: no column {head!r} to probe for")
@@ -323,6 +342,12 @@ def linear_probe(run: Run, head: str = "birthplace", train_splits: Sequence[str]
     majority = majority_class(run, head) if _has(run, head) else run.train[head].mode().sort_values().iloc[0]
     n_classes = len(run.labels[head]) if _has(run, head) else run.train[head].nunique()
     frame = pd.DataFrame({f"{head}_true": truth, f"{head}_pred": guess})
+    test_speakers = info.loc[test, "speaker"].to_numpy()
+    if head_guess is not None:  # paired per speaker: same utterances, probe minus head
+        paired = pd.Series((guess == truth).astype(float) - (head_guess == truth)).groupby(test_speakers).mean()
+        difference_se = clustered_se(paired)
+    else:
+        difference_se = float("nan")
     return {
         "head": head, "test_split": test_split, "n_train": int(train.sum()), "n_test": int(test.sum()),
         "train_speakers": int(info.loc[train, "speaker"].nunique()),
@@ -331,6 +356,7 @@ def linear_probe(run: Run, head: str = "birthplace", train_splits: Sequence[str]
         "probe_balanced_accuracy": balanced_accuracy(frame, head),
         "head_accuracy": float((head_guess == truth).mean()) if head_guess is not None else float("nan"),
         "majority": float((truth == majority).mean()), "chance": 1.0 / n_classes,
+        "difference_se": difference_se,
     }
 
 
@@ -396,6 +422,10 @@ def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int 
         out[f"through_speaker_{group}"] = float(row["through_speaker"]) if row is not None and "through_speaker" in row else nan
     out["chance"] = 1.0 / len(run.labels[head])
     out["gap"] = out["accuracy_seen"] - out["accuracy_unseen"]
+    per_seen, per_unseen = (speaker_accuracy(run, head, GROUPS[g]) for g in ("seen", "unseen"))
+    out["speakers_unseen"] = len(per_unseen)
+    out["se_unseen"] = clustered_se(per_unseen) if len(per_unseen) else nan
+    out["gap_se"] = float(np.hypot(clustered_se(per_seen), clustered_se(per_unseen))) if len(per_unseen) else nan
     small = small_classes(run, head, min_speakers)
     out |= {"n_classes": small["n_classes"], "n_small_classes": small["n_small"], "min_speakers": min_speakers}
     roll = rollup(run, head)
@@ -404,11 +434,11 @@ def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int 
         hit = roll[roll["set"] == group] if roll is not None else pd.DataFrame()
         for key in ("coarse_accuracy", "coarse_majority", "errors_within", "errors_within_expected"):
             out[f"{key}_{group}"] = float(hit[key].iloc[0]) if len(hit) else nan
-    out["probe_accuracy"] = out["probe_head_accuracy"] = out["probe_majority"] = nan
+    out["probe_accuracy"] = out["probe_head_accuracy"] = out["probe_majority"] = out["probe_difference_se"] = nan
     if probe and run.has_embeddings:
         result = linear_probe(run, head)
         out |= {"probe_accuracy": result["probe_accuracy"], "probe_head_accuracy": result["head_accuracy"],
-                "probe_majority": result["majority"]}
+                "probe_majority": result["majority"], "probe_difference_se": result["difference_se"]}
     train_trend = loss_trend(run, head, "train", last_fraction)
     val_trend = loss_trend(run, head, "unseen_val", last_fraction)
     out |= {"loss_relative_change": train_trend["relative_change"], "loss_window": train_trend["window"],
@@ -424,6 +454,17 @@ def _pct(x: float) -> str:
     return f"{x:.0%}"
 
 
+def _beyond_noise(difference: float, se: float | None) -> bool:
+    """True when a difference exceeds EVIDENCE_Z speaker-clustered standard errors."""
+    return se is not None and not math.isnan(se) and difference >= EVIDENCE_Z * se
+
+
+def _spread(se: float | None) -> str:
+    if se is None or math.isnan(se) or math.isinf(se):
+        return "(a single speaker)"
+    return f"(±{EVIDENCE_Z * se:.0%})"
+
+
 def verdict_from_measures(m: dict) -> list[str]:
     """Sentences stating which explanations the numbers support; each rule has a named threshold."""
     head = m["head"]
@@ -434,8 +475,9 @@ def verdict_from_measures(m: dict) -> list[str]:
     ok = lambda *keys: all(k in m and m[k] is not None and not (isinstance(m[k], float) and math.isnan(m[k]))
                            for k in keys)  # noqa: E731
 
-    if ok("n_unseen") and m["n_unseen"] < MIN_UTTERANCES:
-        lines.append(f"only {int(m['n_unseen'])} unseen-speaker utterances are scored: treat these percentages as rough")
+    if ok("n_unseen", "speakers_unseen") and (m["n_unseen"] < MIN_UTTERANCES or m["speakers_unseen"] < MIN_SPEAKERS):
+        lines.append(f"only {int(m['n_unseen'])} unseen-speaker utterances from {m['speakers_unseen']} speakers are "
+                     "scored: treat the unseen-speaker percentages as rough")
     if not m["has_speaker_head"]:
         lines.append(f"no speaker head: the speaker→{head} comparison is not available")
     elif ok("accuracy_seen", "through_speaker_seen"):
@@ -448,19 +490,26 @@ def verdict_from_measures(m: dict) -> list[str]:
             lines.append(f"{head} head reaches {_pct(h)} on seen speakers, as much as speaker→{head} ({_pct(t)}): "
                          "it uses what identity tells it")
     if ok("accuracy_seen", "accuracy_unseen") and m["gap"] >= MEMORISATION_GAP:
-        causes += 1
-        lines.append(f"{head} reaches {_pct(m['accuracy_seen'])} on held-out utterances of training speakers but "
-                     f"{_pct(m['accuracy_unseen'])} on unseen speakers: the head memorises speakers rather than "
-                     f"hearing {head}")
+        said = (f"{head} reaches {_pct(m['accuracy_seen'])} on held-out utterances of training speakers but "
+                f"{_pct(m['accuracy_unseen'])} on unseen speakers")
+        if _beyond_noise(m["gap"], m.get("gap_se")):
+            causes += 1
+            lines.append(f"{said}: the head memorises speakers rather than hearing {head}")
+        else:
+            lines.append(f"{said}, yet the gap is within the speaker-to-speaker spread {_spread(m.get('gap_se'))}: "
+                         "the evidence for memorisation is mixed")
     if ok("accuracy_unseen", "majority_unseen"):
         u = m["accuracy_unseen"]
         name, base = ("majority", m["majority_unseen"]) if m["majority_unseen"] >= m["chance"] else ("chance", m["chance"])
         if u - base < SIGNAL_MARGIN:
             causes += 1
             lines.append(f"on unseen speakers {_pct(u)} vs {name} {_pct(base)}: little {head} signal generalises")
-        else:
+        elif _beyond_noise(u - base, m.get("se_unseen")):
             lines.append(f"on unseen speakers {_pct(u)} vs {name} {_pct(base)}: some {head} signal generalises "
                          "to new speakers")
+        else:
+            lines.append(f"on unseen speakers {_pct(u)} vs {name} {_pct(base)}, but unseen speakers differ too much "
+                         f"{_spread(m.get('se_unseen'))} to call it signal: the evidence is mixed")
     if m["n_classes"] and m["n_small_classes"] / m["n_classes"] >= SMALL_CLASS_SHARE:
         causes += 1
         lines.append(f"{m['n_small_classes']} of {m['n_classes']} classes have fewer than {m['min_speakers']} "
@@ -480,10 +529,14 @@ def verdict_from_measures(m: dict) -> list[str]:
     if ok("probe_accuracy", "probe_head_accuracy"):
         p, h = m["probe_accuracy"], m["probe_head_accuracy"]
         base = max(m["probe_majority"], m["chance"])
-        if p - h >= PROBE_MARGIN:
+        if p - h >= PROBE_MARGIN and _beyond_noise(p - h, m.get("probe_difference_se")):
             causes += 1
             lines.append(f"the linear probe reaches {_pct(p)} on unseen speakers vs {_pct(h)} for the head: "
                          "the information is in the trunk; the head or its training is the problem")
+        elif p - h >= PROBE_MARGIN:
+            lines.append(f"the linear probe reaches {_pct(p)} on unseen speakers vs {_pct(h)} for the head, but the "
+                         f"difference varies too much between speakers {_spread(m.get('probe_difference_se'))}: "
+                         "the evidence that the trunk holds more is mixed")
         elif p - base < SIGNAL_MARGIN:
             causes += 1
             lines.append(f"the linear probe reaches only {_pct(p)} on unseen speakers (baseline {_pct(base)}): "
