@@ -26,6 +26,7 @@ import html
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -159,15 +160,15 @@ def this_interpreter_kernel() -> Iterator[str]:
 
 # --- execution and export --------------------------------------------------------------------------
 def describe_failure(notebook: str, err: BaseException) -> str:
-    """One readable paragraph: which notebook, which cell, which exception."""
-    from papermill.exceptions import PapermillExecutionError
+    """One readable paragraph: which notebook, which cell (as numbered in the HTML), which line."""
+    from papermill.exceptions import PapermillExecutionError, strip_color
 
     if isinstance(err, PapermillExecutionError):
-        lines = [ln for ln in (err.source or "").splitlines() if ln.strip()]
-        first = lines[0].strip() if lines else ""
-        return (f"{notebook}.ipynb failed in cell In [{err.exec_count}] "
-                f"(cell {err.cell_index} of the executed notebook): {first}\n"
-                f"{err.ename}: {err.evalue}")
+        # IPython marks the failing line of the cell with an arrow: "----> 7 corpus = ..."
+        arrow = re.search(r"^-+> *(\d+) (.*)$", strip_color("\n".join(err.traceback or [])), re.M)
+        lines = [ln.strip() for ln in (err.source or "").splitlines() if ln.strip()]
+        where = f", line {arrow.group(1)}: {arrow.group(2).strip()}" if arrow else f": {lines[0] if lines else ''}"
+        return f"{notebook}.ipynb failed in cell In [{err.exec_count}]{where}\n{err.ename}: {err.evalue}"
     return f"{notebook}.ipynb failed: {type(err).__name__}: {err}"
 
 

@@ -1,0 +1,169 @@
+"""The notebooks, executed for real with papermill on generated corpora (kernel starts are slow, so
+the full 01 -> 03 chain runs once per session and every check on its HTML shares that run)."""
+import ast
+import csv
+import shutil
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import pytest
+from corpus_fixtures import (make_accent_archive_tree, make_common_voice_tree, make_csj_tree, make_jvs_tree,
+                             make_vctk_tree)
+
+from voxlib.config import Config, ConfigError
+from voxlib.corpora.common import ADAPTERS
+from voxlib.notebook import prepare
+from voxlib.report import NOTEBOOKS, main, run_notebook, run_report, this_interpreter_kernel
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+EVIL = "<script>alert(1)</script>"
+FAST = {"width": 0.0625, "epochs": 2, "eval_crops": 1, "batch_size": 16}
+
+
+def _copy_corpus(source: Path, target: Path, rename: dict[str, str] | None = None) -> Path:
+    """A writable copy of a corpus; ``rename`` replaces birthplace labels in the manifest."""
+    shutil.copytree(source.parent, target)
+    manifest = target / "manifest.csv"
+    with manifest.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row["birthplace"] = (rename or {}).get(row["birthplace"], row["birthplace"])
+    with manifest.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+# --- committed notebooks ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_is_clean_and_its_parameters_are_config_defaults(name):
+    nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is None and not c.outputs for c in code), f"{name} has outputs"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0] is code[0], f"{name}: the first code cell must be the only parameters cell"
+    defaults = Config().to_dict()
+    assigned = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(tagged[0].source).body}
+    assert assigned and all(defaults[k] == v for k, v in assigned.items()), assigned
+    assert "Config.from_namespace(globals())" in code[1].source  # the cell right after checks them
+
+
+def test_prepare_names_a_missing_manifest_or_run(tmp_path):
+    with pytest.raises(ConfigError, match="parameter 'manifest': no such file .*nowhere.csv"):
+        prepare(Config(manifest=str(tmp_path / "nowhere.csv")))
+    with pytest.raises(ConfigError, match="parameter 'run_dir': .*holds no finished run"):
+        prepare(Config(run_dir=str(tmp_path)), need="run")
+
+
+# --- the full chain, once ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chain(tiny_corpus, tmp_path_factory):
+    """notebooks 01 -> 03 via report.py on the tiny corpus, one birthplace named like an XSS payload."""
+    root = tmp_path_factory.mktemp("chain")
+    manifest = _copy_corpus(tiny_corpus, root / "corpus", {"east": EVIL})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VOX_OUTPUTS", str(root / "outputs"))
+        report = run_report(str(manifest), str(root / "run"), dict(FAST, cache_dir=str(root / "cache")),
+                            log=lambda line: None)
+    return report
+
+
+def test_chain_runs_every_notebook_and_writes_html(chain):
+    assert chain.ok, [s.error for s in chain.stages]
+    for name in NOTEBOOKS:
+        assert (chain.run_dir / "notebooks" / f"{name}.ipynb").exists()
+        assert (chain.run_dir / "reports" / f"{name}.html").stat().st_size > 10_000
+    index = chain.index.read_text()
+    assert all(f'href="{name}.html"' in index for name in NOTEBOOKS)
+
+
+def test_train_report_has_learning_curves_and_the_accuracy_table(chain):
+    page = (chain.run_dir / "reports" / "02_train.html").read_text()
+    assert page.count("<img") >= 2  # cross-entropy and accuracy figures
+    table = page.split("Final accuracies")[1]
+    assert "majority" in table and "chance" in table
+    assert all(f"<td>{head}</td>" in table for head in ("speaker", "birthplace", "sex"))
+
+
+def test_birthplace_report_has_the_confusion_matrix_and_ends_with_the_verdict(chain):
+    page = (chain.run_dir / "reports" / "03_birthplace.html").read_text()
+    section = page.split("Birthplace confusion matrix")[1].split("Per-class precision")[0]
+    assert "<img" in section
+    assert "top3" in page and "balanced_accuracy" in page
+    verdict = page.rsplit("Verdict", 1)[1]
+    assert "<li>" in verdict and "<img" not in verdict and "<table" not in verdict
+
+
+def test_corpus_labels_are_escaped_everywhere(chain):
+    pages = [chain.index] + [chain.run_dir / "reports" / f"{n}.html" for n in NOTEBOOKS]
+    for page in pages:
+        text = page.read_text()
+        assert EVIL not in text, page.name
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in (chain.run_dir / "reports" / "01_explore.html").read_text()
+
+
+def test_headline_numbers_cover_every_head_on_both_test_sets(chain):
+    from voxlib.report import headline
+
+    table = headline(chain.run_dir)
+    assert set(table["head"]) == {"speaker", "birthplace", "sex"}
+    assert set(table["split"]) == {"seen_test", "unseen_test"}
+    assert ((table["accuracy"] >= 0) & (table["accuracy"] <= 1)).all()
+
+
+# --- failures -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("params, message", [
+    ({"batch_sise": 4}, "unknown parameter(s) ['batch_sise']"),
+    ({"epochs": "ten"}, "'epochs' must be int, got str 'ten'"),
+])
+def test_a_bad_parameter_stops_the_notebook_in_its_first_cells(params, message, tmp_path):
+    """Papermill injects any name; the notebook's own check (not report.py's) must catch it."""
+    with this_interpreter_kernel() as kernel:
+        stage = run_notebook("03_birthplace", params, tmp_path / "run", kernel, NOTEBOOK_DIR)
+    # In [1] is the parameters cell, In [2] the one papermill injects, In [3] the check
+    assert "03_birthplace.ipynb failed in cell In [3], line 4: cfg = prepare(Config.from_namespace" in stage.error
+    assert "ConfigError" in stage.error and message in stage.error
+    assert stage.html.exists() and "ConfigError" in stage.html.read_text()
+
+
+def test_a_failing_notebook_names_notebook_and_cell_and_still_writes_html(tiny_corpus, tmp_path, capsys):
+    manifest = _copy_corpus(tiny_corpus, tmp_path / "corpus")
+    (tmp_path / "corpus" / "north1" / "north1_002.wav").unlink()
+    code = main(["--manifest", str(manifest), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "01_explore.ipynb failed in cell In [4], line 7: corpus = explore.load(cfg)" in err
+    assert "ManifestError" in err and "north1_002.wav" in err
+    html = (tmp_path / "run" / "reports" / "01_explore.html").read_text()
+    assert "north1_002.wav" in html and "ManifestError" in html
+    assert not (tmp_path / "run" / "reports" / "02_train.html").exists()
+    assert "not run" in (tmp_path / "run" / "reports" / "index.html").read_text()
+
+
+# --- notebook 01 on every adapter's output ---------------------------------------------------------
+ADAPTER_TREES = {
+    "csj": (make_csj_tree, {"dialogues": True}),  # start/end segments of long talks
+    "vctk": (make_vctk_tree, {}),
+    "accent_archive": (make_accent_archive_tree, {"window": 1.0}),  # windows of long recordings
+    "common_voice": (make_common_voice_tree, {}),  # mp3
+    "jvs": (make_jvs_tree, {}),  # no birthplace column
+}
+
+
+def test_explore_notebook_runs_on_every_adapter_output(tmp_path):
+    """One papermill run of notebook 01 per adapter, in one test so the kernel cost is in one place."""
+    assert sorted(ADAPTER_TREES) == sorted(ADAPTERS)
+    with this_interpreter_kernel() as kernel:
+        for name, (make_tree, options) in ADAPTER_TREES.items():
+            summary = ADAPTERS[name](make_tree(tmp_path / name), None, progress=False, **options)
+            out = tmp_path / f"{name}.ipynb"
+            pm.execute_notebook(str(NOTEBOOK_DIR / "01_explore.ipynb"), str(out), kernel_name=kernel,
+                                parameters={"manifest": str(summary.manifest)}, progress_bar=False,
+                                cwd=str(NOTEBOOK_DIR))
+            text = "".join(o.get("text", "") + "".join(str(v) for v in o.get("data", {}).values())
+                           for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+            assert f"{summary.utterances} utterances, {summary.speakers} speakers" in text, name
+            if name == "jvs":
+                assert "no birthplace labels" in text
