@@ -92,6 +92,14 @@ def test_head_that_follows_the_speaker_head_uses_identity(tmp_path):
     assert _lines_with(lines, "it uses what identity tells it")
 
 
+def test_identity_comparison_needs_a_speaker_head_that_learned(tmp_path):
+    run = load_run(make_run_folder(tmp_path / "run", birthplace_seen="speaker", speaker_seen=0.0))
+    lines = verdict(run)
+    assert _lines_with(lines, "speaker→birthplace gives only 0% on seen speakers (baseline 33%): the speaker head "
+                              "has not learned identity")
+    assert not _lines_with(lines, "it uses what identity tells it") and not _lines_with(lines, "under-uses")
+
+
 # --- 3. class size ----------------------------------------------------------------------------------
 def test_many_tiny_classes(tmp_path):
     run = load_run(make_run_folder(tmp_path / "run", speakers=(8, 8) + (1,) * 10, unseen=(1, 1) + (0,) * 10))

@@ -482,7 +482,11 @@ def verdict_from_measures(m: dict) -> list[str]:
         lines.append(f"no speaker head: the speaker→{head} comparison is not available")
     elif ok("accuracy_seen", "through_speaker_seen"):
         h, t = m["accuracy_seen"], m["through_speaker_seen"]
-        if t - h >= IDENTITY_GAP:
+        floor = max(m["majority_seen"], m["chance"])
+        if t - floor < SIGNAL_MARGIN:
+            lines.append(f"speaker→{head} gives only {_pct(t)} on seen speakers (baseline {_pct(floor)}): the speaker "
+                         f"head has not learned identity well enough to tell whether the {head} head uses it")
+        elif t - h >= IDENTITY_GAP:
             causes += 1
             lines.append(f"{head} head reaches {_pct(h)} on seen speakers while speaker→{head} gives {_pct(t)}: "
                          "the head under-uses identity")
