@@ -119,7 +119,8 @@ def test_head_leaning_on_the_big_class(tmp_path):
     run_dir = make_run_folder(tmp_path / "run", speakers=(6, 3, 2), unseen=(2, 1, 1))
     _set_birthplace_predictions(run_dir, {"place00": "place00", "place01": "place00", "place02": "place00"})
     lines = verdict(load_run(run_dir))
-    assert _lines_with(lines, "plain accuracy 50% vs balanced 33% on unseen speakers: the head leans on the large classes")
+    assert _lines_with(lines, "plain accuracy 50% vs balanced 33% on unseen speakers: the head leans on the large "
+                              "classes")
 
 
 # --- 4. confusions and the region roll-up -----------------------------------------------------------
@@ -307,3 +308,13 @@ def test_compare_two_runs(tmp_path):
     assert list(named.columns) == ["a", "b", "difference"]
     numeric = named["difference"].dropna()
     assert len(numeric) > 15 and (numeric.astype(float).fillna(0) == 0).all()
+
+
+def test_report_for_a_run_without_unseen_speakers(tmp_path):
+    run = load_run(make_run_folder(tmp_path / "run", unseen=0))
+    report = birthplace_report(run)
+    assert report["probe"] is None and any(n.startswith("no linear probe: ") for n in report["notes"])
+    assert report["seen_unseen"]["speakers_unseen"].tolist() == [0, 0]
+    assert report["verdict"][0] == ("no unseen speakers in this run: whether birthplace generalises to new voices "
+                                    "cannot be judged")
+    assert not _lines_with(report["verdict"], "memorises")

@@ -70,6 +70,10 @@ TSNE_MAX = 2000  # t-SNE above this many points is slow and no clearer than PCA
 TSNE_THREADED_FROM = 1000  # below this many points t-SNE runs single-threaded (faster)
 
 
+class ProbeUnavailable(RunError):
+    """The run folder is fine but has too little to fit or score a probe (e.g. one class only)."""
+
+
 def _as_run(run: Run | str | Path) -> Run:
     return run if isinstance(run, Run) else load_run(run)
 
@@ -315,7 +319,7 @@ def linear_probe(run: Run, head: str = "birthplace", train_splits: Sequence[str]
     ``difference_se`` is the standard error of (probe - head) with speakers as the unit.
     """
     if head not in run.splits.columns:
-        raise RunError(f"{run.path / 'splits.csv'}: no column {head!r} to probe for")
+        raise ProbeUnavailable(f"{run.path / 'splits.csv'}: no column {head!r} to probe for")
     info = _labelled_embeddings(run)
     features = run.embeddings.features
     train = info["split"].isin(train_splits).to_numpy()
@@ -325,7 +329,7 @@ def linear_probe(run: Run, head: str = "birthplace", train_splits: Sequence[str]
     if leaked:
         raise RunError(f"{run.path}: probe training rows include unseen speaker(s) {leaked[:5]}")
     if not test.any() or info.loc[train, head].nunique() < 2:
-        raise RunError(f"{run.path / 'embeddings.npz'}: need {test_split} rows and at least two {head} "
+        raise ProbeUnavailable(f"{run.path / 'embeddings.npz'}: need {test_split} rows and at least two {head} "
                        f"classes among {list(train_splits)} rows to fit a probe")
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
     with warnings.catch_warnings():
@@ -407,8 +411,11 @@ def mean_gradient_share(run: Run) -> pd.Series:
 
 # --- summary numbers, verdict, report ---------------------------------------------------------------
 def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int = 5, probe: bool = True,
-             last_fraction: float = 0.2) -> dict:
-    """Every headline number of the investigation as one flat dict (NaN / None where unavailable)."""
+             last_fraction: float = 0.2, probe_result: dict | None = None) -> dict:
+    """Every headline number of the investigation as one flat dict (NaN / None where unavailable).
+
+    ``probe_result``: an already fitted ``linear_probe`` result, so a report does not fit it twice.
+    """
     run = _as_run(run)
     nan = float("nan")
     out: dict = {"run": run.name, "head": head, "has_head": _has(run, head), "has_speaker_head": _has(run, "speaker")}
@@ -419,7 +426,8 @@ def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int 
         row = base.loc[group] if group in base.index else None
         for key in ("accuracy", "balanced_accuracy", "top3", "majority", "n"):
             out[f"{key}_{group}"] = float(row[key]) if row is not None else nan
-        out[f"through_speaker_{group}"] = float(row["through_speaker"]) if row is not None and "through_speaker" in row else nan
+        has_through = row is not None and "through_speaker" in row
+        out[f"through_speaker_{group}"] = float(row["through_speaker"]) if has_through else nan
     out["chance"] = 1.0 / len(run.labels[head])
     out["gap"] = out["accuracy_seen"] - out["accuracy_unseen"]
     per_seen, per_unseen = (speaker_accuracy(run, head, GROUPS[g]) for g in ("seen", "unseen"))
@@ -435,8 +443,13 @@ def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int 
         for key in ("coarse_accuracy", "coarse_majority", "errors_within", "errors_within_expected"):
             out[f"{key}_{group}"] = float(hit[key].iloc[0]) if len(hit) else nan
     out["probe_accuracy"] = out["probe_head_accuracy"] = out["probe_majority"] = out["probe_difference_se"] = nan
-    if probe and run.has_embeddings:
-        result = linear_probe(run, head)
+    result = probe_result
+    if result is None and probe and run.has_embeddings:
+        try:
+            result = linear_probe(run, head)
+        except ProbeUnavailable:
+            result = None
+    if result is not None:
         out |= {"probe_accuracy": result["probe_accuracy"], "probe_head_accuracy": result["head_accuracy"],
                 "probe_majority": result["majority"], "probe_difference_se": result["difference_se"]}
     train_trend = loss_trend(run, head, "train", last_fraction)
@@ -475,7 +488,9 @@ def verdict_from_measures(m: dict) -> list[str]:
     ok = lambda *keys: all(k in m and m[k] is not None and not (isinstance(m[k], float) and math.isnan(m[k]))
                            for k in keys)  # noqa: E731
 
-    if ok("n_unseen", "speakers_unseen") and (m["n_unseen"] < MIN_UTTERANCES or m["speakers_unseen"] < MIN_SPEAKERS):
+    if m.get("speakers_unseen") == 0:
+        lines.append(f"no unseen speakers in this run: whether {head} generalises to new voices cannot be judged")
+    elif ok("n_unseen", "speakers_unseen") and (m["n_unseen"] < MIN_UTTERANCES or m["speakers_unseen"] < MIN_SPEAKERS):
         lines.append(f"only {int(m['n_unseen'])} unseen-speaker utterances from {m['speakers_unseen']} speakers are "
                      "scored: treat the unseen-speaker percentages as rough")
     if not m["has_speaker_head"]:
@@ -484,8 +499,8 @@ def verdict_from_measures(m: dict) -> list[str]:
         h, t = m["accuracy_seen"], m["through_speaker_seen"]
         floor = max(m["majority_seen"], m["chance"])
         if t - floor < SIGNAL_MARGIN:
-            lines.append(f"speaker→{head} gives only {_pct(t)} on seen speakers (baseline {_pct(floor)}): the speaker "
-                         f"head has not learned identity well enough to tell whether the {head} head uses it")
+            lines.append(f"speaker→{head} gives only {_pct(t)} on seen speakers (baseline {_pct(floor)}): the "
+                         f"speaker head has not learned identity well enough to tell whether the {head} head uses it")
         elif t - h >= IDENTITY_GAP:
             causes += 1
             lines.append(f"{head} head reaches {_pct(h)} on seen speakers while speaker→{head} gives {_pct(t)}: "
@@ -504,7 +519,7 @@ def verdict_from_measures(m: dict) -> list[str]:
                          "the evidence for memorisation is mixed")
     if ok("accuracy_unseen", "majority_unseen"):
         u = m["accuracy_unseen"]
-        name, base = ("majority", m["majority_unseen"]) if m["majority_unseen"] >= m["chance"] else ("chance", m["chance"])
+        name, base = max(("majority", m["majority_unseen"]), ("chance", m["chance"]), key=lambda nb: nb[1])
         if u - base < SIGNAL_MARGIN:
             causes += 1
             lines.append(f"on unseen speakers {_pct(u)} vs {name} {_pct(base)}: little {head} signal generalises")
@@ -626,13 +641,16 @@ def birthplace_report(run: Run | str | Path, head: str = "birthplace", min_speak
         if project:
             report["projection"] = project_embeddings(run, seed=seed)
         if probe:
-            report["probe"] = linear_probe(run, head)
+            try:
+                report["probe"] = linear_probe(run, head)
+            except ProbeUnavailable as err:
+                notes.append(f"no linear probe: {err}")
     else:
         notes.append("no embeddings.npz: no projection and no linear probe")
     report["loss_trend"] = loss_trend(run, head)
     report["gradient_share"] = gradient_share(run)
     report["mean_gradient_share"] = mean_gradient_share(run)
-    report["measures"] = measures(run, head, min_speakers, probe=probe)
+    report["measures"] = measures(run, head, min_speakers, probe=probe, probe_result=report["probe"])
     report["verdict"] = verdict_from_measures(report["measures"])
     report["verdict_markdown"] = verdict_markdown(report["verdict"])
     return report

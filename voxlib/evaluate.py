@@ -177,7 +177,8 @@ def _read_embeddings(path: Path, splits: pd.DataFrame) -> Embeddings:
     disagree = np.flatnonzero(expected != split)
     if disagree.size:
         k = int(disagree[0])
-        raise RunError(f"{path}: row {row[k]} is marked {str(split[k])!r} but splits.csv puts it in {str(expected[k])!r}")
+        raise RunError(f"{path}: row {row[k]} is marked {str(split[k])!r} but splits.csv puts it in "
+                       f"{str(expected[k])!r}")
     if not np.isfinite(features).all():
         bad = row[~np.isfinite(features).all(axis=1)][:5].tolist()
         raise RunError(f"{path}: non-finite features for rows {bad}")

@@ -68,7 +68,8 @@ def confusion_heatmap(matrix: pd.DataFrame, title: str = "") -> Figure:
     return _done(fig)
 
 
-def recall_vs_size(table: pd.DataFrame, size: str = "train_speakers", recall: Sequence[str] | str = ("recall_seen", "recall_unseen")) -> Figure:
+def recall_vs_size(table: pd.DataFrame, size: str = "train_speakers",
+                   recall: Sequence[str] | str = ("recall_seen", "recall_unseen")) -> Figure:
     """Per-class recall against training size (log x): do small classes fail?
 
     ``table`` is ``analysis.class_size_table`` (recall_seen / recall_unseen) or
