@@ -61,7 +61,7 @@ class Config:
     # --- built-in demo corpus (espeak-ng accents) ----------------------------------------------
     demo_speakers_per_accent: int = 6  # half female, half male
     demo_utterances: int = 40  # utterances per speaker
-    demo_accents: str = ""  # comma list of espeak voices; "" = all eight
+    demo_accents: str = ""  # comma list of accents (us, gb-rp, scotland, ... or espeak voices); "" = all eight
     demo_voice_spread: float = 1.0  # 1 = full pitch/formant ranges; smaller = more alike voices
     demo_seed: int = 0
 
