@@ -125,6 +125,22 @@ def init_distributed(cfg: Config) -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owns_group=owns)
 
 
+class _SumAcrossProcesses(torch.autograd.Function):
+    """all_reduce(SUM) with a gradient: every process's output depends on every process's input."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class CpuSyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics span all processes, for CPU (gloo) runs.
 
@@ -136,15 +152,13 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         channels = x.shape[1]
         count_local = torch.tensor([x.numel() / channels], dtype=x.dtype)
-        totals = all_reduce(torch.cat([x.sum((0, 2, 3)), count_local]))
+        totals = _SumAcrossProcesses.apply(torch.cat([x.sum((0, 2, 3)), count_local]))
         count = totals[-1].detach()
         mean = totals[:channels] / count
         centred = x - mean.view(1, -1, 1, 1)
-        var = all_reduce((centred * centred).sum((0, 2, 3))) / count
+        var = _SumAcrossProcesses.apply((centred * centred).sum((0, 2, 3))) / count
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             m = self.momentum
@@ -204,7 +218,7 @@ def write_metrics(path: Path, rows: list[tuple], last_good: str) -> None:
     """Append one epoch's rows and force them to disk; a failure says what to do."""
     try:
         new = not path.exists()
-        with path.open("a", newline="") as fh:
+        with open(path, "a", newline="") as fh:
             writer = csv.writer(fh)
             if new:
                 writer.writerow(METRIC_COLUMNS)
@@ -363,7 +377,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self.fast, device_ids=ids, broadcast_buffers=False)
+            # BatchNorm buffers are kept identical by the synced statistics: no per-step broadcast
+            self.model = DDP(self.fast, device_ids=ids, forward_sync_buffers=False)
         else:
             self.model = self.fast
         if cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda"):
@@ -465,6 +480,8 @@ class Trainer:
                 log.info("resuming %s after epoch %d", self.run_dir, start)
             self.write_run_files(record)
             truncate_metrics(self.run_dir / "metrics.csv", start)
+            for stale in (self.run_dir / "checkpoints").glob(".*.tmp*"):  # left by a crash mid-save
+                stale.unlink()
         env.barrier()
         self.loaders()
         writer = None
