@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 N_MELS = 256
 FORMAT_VERSION = 1  # bump when the transform or the file layout changes: old caches get a new key
 _PIECE_FRAMES = 2048  # frames per STFT piece (bounds memory for long recordings)
-_BATCH_FRAMES = 4096  # frames per torch.stft call: ~8 MB of complex values, stays in cache
+_BATCH_FRAMES = 1024  # frames per torch.stft call; larger batches fall out of cache and run slower on CPU
 _MIN_POWER = 1e-30  # floor before log10; anything this small maps to 0 anyway
 
 
@@ -108,8 +108,8 @@ def _scale(power: torch.Tensor, cfg: Config, ref: float) -> torch.Tensor:
 def spectrogram_batch(waves: Sequence[np.ndarray | torch.Tensor], cfg: Config) -> list[torch.Tensor]:
     """Spectrograms of several waves in as few torch.stft calls as memory allows.
 
-    Returns one float32 tensor ``(n_bins, 1 + len(wave) // hop_length)`` per wave, identical to
-    computing each wave alone.
+    Returns one float32 tensor ``(n_bins, 1 + len(wave) // hop_length)`` per wave with the values of
+    computing each wave alone (to float rounding). The tensors may share one batch's storage.
     """
     n_fft, hop = cfg.n_fft, cfg.hop_length
     pad = n_fft // 2
