@@ -15,7 +15,7 @@ copy of the data folder (symlinks plus our own ``voices/!v`` files); site-packag
 
 Determinism: libespeak keeps global state between utterances (pitch-jitter phase, noise generator),
 so the same sentence spoken twice in one process differs. Every speaker is therefore rendered in a
-fresh worker process (``max_tasks_per_child=1``) that speaks its utterances in a fixed order, which
+fresh worker process (``maxtasksperchild=1``) that speaks its utterances in a fixed order, which
 makes the files byte-identical for identical settings. The main process never loads libespeak.
 
 Layout of a corpus folder::
@@ -34,19 +34,18 @@ import ctypes
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
-from scipy.signal import fftconvolve
 from tqdm import tqdm
 
 from voxlib.config import Config, ConfigError, outputs_dir
@@ -83,6 +82,8 @@ SNR_DB = (20.0, 40.0)
 PEAK_DBFS = (-12.0, -2.0)
 RT60_S = (0.10, 0.35)
 DRR_DB = (4.0, 14.0)  # direct-to-reverberant energy ratio of the synthetic room
+
+SPEAKER_TIMEOUT_S = 600  # one speaker takes well under a second; this only catches a dead worker
 
 
 class DemoCorpusError(RuntimeError):
@@ -411,7 +412,10 @@ def augment(wave: np.ndarray, sr: int, utt: Utterance) -> np.ndarray:
     """Room reverb, additive noise at the utterance's SNR, then its peak level."""
     rng = np.random.default_rng(utt.seed + [2])
     tail_s = 0.1
-    wet = fftconvolve(wave, room_response(rng, sr, utt.rt60_s, utt.drr_db))[: len(wave) + int(tail_s * sr)]
+    room = room_response(rng, sr, utt.rt60_s, utt.drr_db)
+    # FFT convolution by hand: importing scipy.signal costs more than rendering a speaker
+    n = 1 << (len(wave) + len(room) - 2).bit_length()  # a power of two >= the full length
+    wet = np.fft.irfft(np.fft.rfft(wave, n) * np.fft.rfft(room, n), n)[: len(wave) + int(tail_s * sr)]
     power = np.mean(wet ** 2)
     noise = rng.standard_normal(wet.size) * np.sqrt(power * 10 ** (-utt.snr_db / 10))
     out = wet + noise
@@ -452,39 +456,51 @@ def _stable_hash(words: list[str]) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """forkserver where available: cheap fresh workers that never inherit the caller's threads."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["voxlib.demo"])  # import numpy/scipy/soxr once, not per speaker
-    return context
+def _render_all(plan: str, results: str) -> None:
+    """Entry point of the render helper process: fresh forked workers, one speaker each.
+
+    The helper is a single-threaded process that only imported this module, so forking it is safe
+    and cheap. Prints one line per finished speaker (the caller's progress bar) and pickles the
+    jobs, with their results, to ``results``.
+    """
+    jobs: list[SpeakerJob] = pickle.loads(Path(plan).read_bytes())
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    done: dict[str, SpeakerJob] = {}
+    context = multiprocessing.get_context("fork")
+    with context.Pool(max(1, min(len(jobs), cpus)), maxtasksperchild=1) as pool:
+        finished = pool.imap_unordered(render_speaker, jobs)
+        for _ in jobs:
+            job = finished.next(timeout=SPEAKER_TIMEOUT_S)  # a crashed worker must not hang the build
+            done[job.voice.speaker] = job
+            print(job.voice.speaker, flush=True)
+    Path(results).write_bytes(pickle.dumps([done[job.voice.speaker] for job in jobs]))
 
 
 def run_jobs(jobs: list[SpeakerJob], desc: str = "demo corpus") -> list[SpeakerJob]:
-    """Render jobs in fresh worker processes (one per speaker); results in the order of the input.
+    """Render jobs in fresh processes; return them, with their results, in the input's order.
 
-    A worker that cannot start or dies raises (BrokenProcessPool) instead of hanging the build.
+    The pool runs inside a helper process started with ``python -c``: multiprocessing workers
+    re-import the parent's main module, which for ``python -m voxlib.train`` or torchrun means
+    importing torch once per speaker. The helper forks its workers from a clean process instead.
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = max(1, min(len(jobs), cpus))
-    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
-    if not fresh:  # Python 3.10 cannot recycle workers: one worker, speakers in a fixed order
-        workers = 1
-    done: dict[str, SpeakerJob] = {}
-    try:
-        with ProcessPoolExecutor(workers, mp_context=_pool_context(), **fresh) as pool:
-            futures = [pool.submit(render_speaker, job) for job in jobs]
-            for future in tqdm(as_completed(futures), total=len(jobs), desc=desc, unit="speaker",
-                               disable=None):
-                job = future.result()
-                done[job.voice.speaker] = job
-    except BrokenProcessPool as err:
-        raise DemoCorpusError(
-            "demo corpus worker processes died; they re-import the main script, so run from a file, "
-            "a notebook or `python -m voxlib.demo` (not from stdin); see the traceback above"
-        ) from err
-    return [done[job.voice.speaker] for job in jobs]
+    with tempfile.TemporaryDirectory(prefix="vox-render-") as tmp:
+        plan, results, log = Path(tmp, "jobs.pkl"), Path(tmp, "done.pkl"), Path(tmp, "stderr.txt")
+        plan.write_bytes(pickle.dumps(jobs))
+        code = "import sys; from voxlib.demo import _render_all; _render_all(sys.argv[1], sys.argv[2])"
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        with log.open("w") as err, subprocess.Popen(
+            [sys.executable, "-c", code, str(plan), str(results)],
+            stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+        ) as helper, tqdm(total=len(jobs), desc=desc, unit="speaker", disable=None) as bar:
+            for _ in helper.stdout:
+                bar.update(1)
+        if helper.returncode != 0 or not results.is_file():
+            tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-15:])
+            raise DemoCorpusError(
+                f"rendering the demo corpus failed (exit code {helper.returncode}):\n{tail}")
+        return pickle.loads(results.read_bytes())
 
 
 # --- corpus folder ----------------------------------------------------------------------------
@@ -603,10 +619,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    # Workers must unpickle voxlib.demo's functions, not __main__'s, and must not re-import this
-    # module by name (runpy warns: it is preloaded in the fork server). Without a spec,
-    # multiprocessing re-runs this file by path as __mp_main__, which only defines names.
-    sys.modules["__main__"].__spec__ = None
+    # jobs are pickled for the render helper: they must be voxlib.demo's classes, not __main__'s
     from voxlib import demo
 
     demo.main(sys.argv[1:])
