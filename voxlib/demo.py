@@ -51,7 +51,7 @@ from tqdm import tqdm
 from voxlib.config import Config, ConfigError, outputs_dir
 
 SAMPLE_RATE = 16000
-CORPUS_VERSION = 1  # bump when the generator changes, so existing corpora are rebuilt
+CORPUS_VERSION = 2  # bump when the generator changes, so existing corpora are rebuilt
 
 # birthplace label -> espeak-ng voice (a file under espeak-ng-data/lang/; British English is "en")
 ACCENTS: dict[str, str] = {
@@ -428,7 +428,8 @@ def render_speaker(job: SpeakerJob) -> SpeakerJob:
     engine = _Espeak(job.data_dir)
     voice = job.voice
     # libespeak's noise uses its own generator; seed it so the files do not depend on the process
-    engine.lib.espeak_ng_SetRandSeed(ctypes.c_long(_stable_hash([job.voice.variant]) % 2 ** 31))
+    speaker_seed = np.random.SeedSequence(job.utterances[0].seed[:3]).generate_state(1)[0]
+    engine.lib.espeak_ng_SetRandSeed(ctypes.c_long(int(speaker_seed) % 2 ** 31))
     engine.set_voice(f"{voice.espeak_voice}+{voice.variant}")
     job.results = []
     for utt in job.utterances:
@@ -448,12 +449,6 @@ def render_speaker(job: SpeakerJob) -> SpeakerJob:
         sf.write(target, wave.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
         job.results.append({"phonemes": phonemes, "seconds": round(len(wave) / SAMPLE_RATE, 3)})
     return job
-
-
-def _stable_hash(words: list[str]) -> int:
-    """A process-independent hash (Python's hash() of str is salted per process)."""
-    entropy = [int.from_bytes(w.encode(), "little") for w in words]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def _render_all(plan: str, results: str) -> None:
@@ -493,7 +488,7 @@ def run_jobs(jobs: list[SpeakerJob], desc: str = "demo corpus") -> list[SpeakerJ
         with log.open("w") as err, subprocess.Popen(
             [sys.executable, "-c", code, str(plan), str(results)],
             stdout=subprocess.PIPE, stderr=err, text=True, env=env,
-        ) as helper, tqdm(total=len(jobs), desc=desc, unit="speaker", disable=None) as bar:
+        ) as helper, tqdm(total=len(jobs), desc=desc, unit="speaker") as bar:
             for _ in helper.stdout:
                 bar.update(1)
         if helper.returncode != 0 or not results.is_file():
@@ -538,7 +533,7 @@ def build_demo_corpus(out: Path, cfg: Config) -> Path:
     if is_complete(out, settings):
         return manifest
     jobs = plan_speakers(cfg)
-    library, data = _espeak_paths()
+    _, data = _espeak_paths()
     check_voices(data, settings["accents"])
     # a partial or different corpus: drop the marker first, then everything this module writes
     out.mkdir(parents=True, exist_ok=True)
