@@ -66,7 +66,7 @@ def chain(tiny_corpus, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VOX_OUTPUTS", str(root / "outputs"))
         report = run_report(str(manifest), str(root / "run"), dict(FAST, cache_dir=str(root / "cache")),
-                            log=lambda line: None)
+                            progress=False)
     return report
 
 

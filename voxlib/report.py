@@ -217,18 +217,27 @@ def run_notebook(name: str, values: dict[str, Any], run_dir: Path, kernel: str,
 
 
 def run_report(manifest: str = "", run_dir: str = "", params: dict[str, Any] | None = None,
-               notebooks_dir: Path | None = None, log=print) -> Report:
-    """Execute 01 -> 03 and write the HTML reports; stop at the first failing notebook."""
+               notebooks_dir: Path | None = None, progress: bool = True) -> Report:
+    """Execute 01 -> 03 and write the HTML reports; stop at the first failing notebook.
+
+    The run folder itself is kept (training resumes or finds it finished); only the executed
+    notebooks and reports of an earlier call are removed, so no stale page is mistaken for this one.
+    """
     values = notebook_parameters(manifest, run_dir, params)
     run = Path(values["run_dir"])
     notebooks_dir = Path(notebooks_dir or project_root() / "notebooks")
+    for name in NOTEBOOKS:
+        (run / "notebooks" / f"{name}.ipynb").unlink(missing_ok=True)
+        (run / "reports" / f"{name}.html").unlink(missing_ok=True)
     stages: list[Stage] = []
     with this_interpreter_kernel() as kernel:
         for name in NOTEBOOKS:
-            log(f"{name}: running ...")
+            if progress:
+                print(f"{name} ...", end="", flush=True)
             stage = run_notebook(name, values, run, kernel, notebooks_dir)
             stages.append(stage)
-            log(f"{name}: {'ok' if stage.ok else 'FAILED'} in {stage.seconds:.1f} s")
+            if progress:
+                print(f" {'ok' if stage.ok else 'FAILED'} in {stage.seconds:.1f} s", flush=True)
             if not stage.ok:
                 break
     report = Report(run, run / "reports" / "index.html", stages)
