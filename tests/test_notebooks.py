@@ -6,11 +6,14 @@ import shutil
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import papermill as pm
 import pytest
+import soundfile as sf
 from corpus_fixtures import (make_accent_archive_tree, make_common_voice_tree, make_csj_tree, make_jvs_tree,
                              make_vctk_tree)
 
+from voxlib import explore
 from voxlib.config import Config, ConfigError
 from voxlib.corpora.common import ADAPTERS
 from voxlib.notebook import prepare
@@ -167,3 +170,37 @@ def test_explore_notebook_runs_on_every_adapter_output(tmp_path):
             assert f"{summary.utterances} utterances, {summary.speakers} speakers" in text, name
             if name == "jvs":
                 assert "no birthplace labels" in text
+
+
+# --- explore.py (what notebook 01 shows), without a kernel -----------------------------------------
+def test_exploration_tables_count_utterances_speakers_and_audio(tiny_corpus):
+    corpus = explore.load(Config(manifest=str(tiny_corpus)))
+    table = corpus.table
+    seconds = sum(sf.info(p).duration for p in table["path"])
+    by_place = explore.summary(table, "birthplace")
+    assert list(by_place["utterances"]) == [24, 24, 24] and list(by_place["speakers"]) == [4, 4, 4]
+    assert by_place["minutes"].sum() * 60 == pytest.approx(seconds, rel=1e-3)
+    balance = explore.speakers_per_birthplace(table)
+    assert balance.loc["north"].to_dict() == {"female": 2, "male": 2, "speakers": 4}
+    assert explore.totals(table) == {"utterances": 72, "speakers": 12, "birthplaces": 3,
+                                     "hours": pytest.approx(seconds / 3600, rel=1e-3)}
+    assert explore.validation_report(corpus)["rejected"] == 0
+
+
+def test_exploration_copes_with_segments_and_a_missing_birthplace(tiny_corpus):
+    clip = str(tiny_corpus.parent / "north0" / "north0_000.wav")
+    table = pd.DataFrame({"path": [clip, clip, clip], "speaker": ["a", "a", "b"], "sex": ["male", "male", ""],
+                          "start": [0.5, float("nan"), 0.0], "end": [1.25, 1.0, float("nan")]})
+    full = sf.info(clip).duration
+    assert list(explore.durations(table)) == pytest.approx([0.75, 1.0, full], abs=1e-3)
+    assert not explore.has_labels(table, "birthplace")
+    assert explore.summary(table, "sex").loc["(none)", "utterances"] == 1  # counted, not dropped
+    assert explore.example_groups(table, 4) == [("(none)", "(none)"), ("(none)", "male")]
+    wave = explore.load_wave(table.iloc[0], Config())
+    assert len(wave) == 12000  # 0.75 s at 16 kHz
+
+
+def test_example_panels_cover_every_birthplace_before_repeating_one():
+    table = pd.DataFrame({"birthplace": list("aabbcc"), "sex": ["female", "male"] * 3})
+    assert explore.example_groups(table, 3) == [("a", "female"), ("b", "male"), ("c", "female")]
+    assert len(set(explore.example_groups(table, 10))) == 6

@@ -155,10 +155,27 @@ def speaker_balance_figure(table: pd.DataFrame, max_classes: int = 60):
     return fig
 
 
+def example_groups(table: pd.DataFrame, max_groups: int) -> list[tuple[str, str]]:
+    """(birthplace, sex) pairs to show, every birthplace before any birthplace's second sex.
+
+    With more birthplaces than panels, each shown birthplace still appears, and the sexes alternate
+    from one birthplace to the next instead of all panels showing the same sex.
+    """
+    sexes: dict[str, list[str]] = {}
+    for birthplace, sex in sorted(set(zip(labels(table, "birthplace"), labels(table, "sex")))):
+        sexes.setdefault(birthplace, []).append(sex)
+    ordered = []
+    for rank in range(max(map(len, sexes.values()), default=0)):
+        for i, (birthplace, options) in enumerate(sexes.items()):
+            if rank < len(options):
+                ordered.append((birthplace, options[(rank + i) % len(options)]))
+    return ordered[:max_groups]
+
+
 def example_rows(table: pd.DataFrame, per_group: int = 1, max_groups: int = 8, seed: int = 0) -> pd.DataFrame:
     """A reproducible sample: ``per_group`` utterances per (birthplace, sex), at most ``max_groups`` groups."""
     keys = pd.DataFrame({"birthplace": labels(table, "birthplace"), "sex": labels(table, "sex")})
-    groups = sorted(keys.drop_duplicates().itertuples(index=False, name=None))[:max_groups]
+    groups = example_groups(table, max_groups)
     rng = np.random.default_rng(seed)
     picks = []
     for birthplace, sex in groups:
