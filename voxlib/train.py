@@ -109,6 +109,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    """bf16 autocast: asked for, or automatic on CUDA (on CPU it is slower than fp32 here)."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def uses_channels_last(cfg: Config, device: torch.device) -> bool:
+    """NHWC memory format for model and batches (the benchmark asks this to mirror training)."""
+    return cfg.channels_last
+
+
 def init_distributed(cfg: Config) -> Dist:
     """Join the torchrun process group when launched by torchrun; otherwise a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -335,6 +345,13 @@ class Trainer:
             env.barrier()
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else outputs_dir() / "runs" / self.manifest.name
         if env.main:
+            for note in getattr(self.manifest, "notices", []):
+                log.info("%s", note)
+            n_rejected = len(getattr(self.manifest, "rejected", ()))
+            if n_rejected:
+                log.warning("%d clip(s) skipped as unusable; listed with reasons in %s", n_rejected,
+                            self.run_dir / "rejected.csv")
+        if env.main:
             self.cache = FeatureCache.build_or_open(self.manifest, cfg, progress=True)
         env.barrier()
         if not env.main:
@@ -346,7 +363,7 @@ class Trainer:
         heads = cfg.head_names() or list(self.manifest.label_columns)
         self.vocab = build_vocabularies(table, self.splits, heads)
         self.heads = list(self.vocab)
-        self.targets, unknown = encode_targets(table, self.vocab)
+        self.targets, _ = encode_targets(table, self.vocab)
         for split in HELD_OUT:
             rows = self.rows(split)
             for h in self.heads:
@@ -367,7 +384,8 @@ class Trainer:
         if self.env.active:
             self.net = sync_batchnorm(self.net, self.device)
         self.net.to(self.device)
-        if cfg.channels_last:
+        self.channels_last = uses_channels_last(cfg, self.device)
+        if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         params = self.net.parameters()
         self.optimizer = (torch.optim.RMSprop(params, lr=cfg.lr) if cfg.optimizer == "rmsprop"
@@ -381,10 +399,12 @@ class Trainer:
             self.model = DDP(self.fast, device_ids=ids, forward_sync_buffers=False)
         else:
             self.model = self.fast
-        if cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda"):
+        if uses_bf16(cfg, self.device):
             self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
         else:
             self.autocast = contextlib.nullcontext
+        if cfg.class_balance and cfg.balanced_head not in self.vocab:
+            raise ConfigError(f"balanced_head {cfg.balanced_head!r} is not a trained head ({self.heads})")
         weights = {}
         for h in self.heads:
             balanced = cfg.class_balance == "loss" and h == cfg.balanced_head
@@ -406,8 +426,6 @@ class Trainer:
         self.local_batch = batch // env.world
         self.train_set = CropDataset(self.cache, train_rows, self.targets, cfg.n_frames, train=True, seed=cfg.seed)
         if cfg.class_balance == "sampler":
-            if cfg.balanced_head not in self.vocab:
-                raise ConfigError(f"balanced_head {cfg.balanced_head!r} is not a trained head ({self.heads})")
             labels = self.targets[cfg.balanced_head][train_rows]
             self.sampler = BalancedSampler(labels, cfg.seed, env.world, env.rank)
         else:
@@ -523,7 +541,7 @@ class Trainer:
         for i, (x, y, rows) in enumerate(bar):
             self.maybe_pause("step", step_base + i)
             x = x.to(self.device, non_blocking=True)
-            if cfg.channels_last:
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = {h: t.to(self.device, non_blocking=True) for h, t in y.items()}
             denominators = self.loss.denominators(y)
@@ -583,12 +601,12 @@ class Trainer:
         for x, y, r in self.eval_loader(rows, shard):
             n, crops = x.shape[:2]
             x = x.flatten(0, 1).to(self.device, non_blocking=True)
-            if self.cfg.channels_last:
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast():
                 logits, trunk = self.fast(x, return_trunk=True)
             for k, h in enumerate(self.heads):
-                probs = logits[h].float().softmax(1).view(n, crops, -1).mean(1).cpu()
+                probs = logits[h].float().softmax(1).reshape(n, crops, -1).mean(1).cpu()
                 t = y[h]
                 ok = t >= 0
                 picked = probs[ok, t[ok]]
@@ -599,7 +617,7 @@ class Trainer:
                     kept["probs"][h].append(probs)
             if collect:
                 kept["row"].append(r)
-                kept["features"].append(trunk.float().view(n, crops, -1).mean(1).cpu())
+                kept["features"].append(trunk.float().reshape(n, crops, -1).mean(1).cpu())
         if shard:
             loss_sum, correct, valid = (self.env.sum(t) for t in (loss_sum, correct, valid))
         out = dict(loss=loss_sum / valid.clamp(min=1), acc=correct / valid.clamp(min=1), valid=valid)
