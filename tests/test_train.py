@@ -187,8 +187,11 @@ def test_nan_loss_stops_with_the_batch_files_and_keeps_the_checkpoint(base, tmp_
 def test_nan_policy_skip_counts_and_continues(base, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "Discriminator", nan_model(step=1))
     run = tmp_path / "skip"
-    with pytest.warns(UserWarning, match="batch skipped"):
+    with pytest.warns(UserWarning) as caught:
         train(Config(**{**base, "epochs": 1, "nan_policy": "skip"}, run_dir=str(run)))
+    messages = [str(w.message) for w in caught]
+    assert any("epoch 1, step 2" in m and "batch skipped" in m for m in messages)
+    assert any("1 batch(es) skipped" in m for m in messages)
     m = pd.read_csv(run / "metrics.csv")
     assert m.query("metric == 'skipped_batches'")["value"].tolist() == [1.0]
     assert np.isfinite(m["value"]).all()

@@ -7,11 +7,15 @@ Usage::
     python -m voxlib.train --preset seed --manifest ...     # the 2019 protocol (GPU)
 
     # one machine, 4 GPUs (batch_size stays the GLOBAL batch, split across the processes):
-    torchrun --standalone --nproc_per_node=4 -m voxlib.train --manifest ... --batch-size 64
+    torchrun --standalone --nproc-per-node=4 -m voxlib.train --manifest ... --batch-size 64
 
-    # two machines with 8 GPUs each: run on both, --node-rank 0 on the first, 1 on the second
+    # two machines with 8 GPUs each: run on both, --node-rank 0 on the first, 1 on the second;
+    # the run folder and the corpus must be on storage both machines see
     torchrun --nnodes=2 --node-rank=0 --nproc-per-node=8 --master-addr=10.0.0.1 --master-port=29500 \\
         -m voxlib.train --manifest ... --run-dir /shared/runs/vctk
+
+    # CPU only, 2 processes (gloo); matches one process with the same --batch-size up to float rounding
+    torchrun --standalone --nproc-per-node=2 -m voxlib.train --threads 1
 
 Re-running the same command on an existing run folder resumes from ``checkpoints/last.pt`` and
 ends with exactly the weights and metrics of an uninterrupted run (bit for bit on CPU); ``--epochs``
