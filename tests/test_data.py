@@ -174,3 +174,26 @@ def test_balanced_sampler_evens_out_classes_and_splits_across_ranks():
         r.set_epoch(1)
     merged = [i for pair in zip(*(list(r) for r in ranks)) for i in pair]
     assert merged == list(sampler) and len(ranks[0]) == 50
+
+
+def test_corpus_without_birthplace_still_splits_and_skips_that_head(caplog):
+    """JVS has no birthplace column: unseen speakers come from the whole corpus, the head is absent."""
+    table = corpus_table(places=("jvs",), speakers=6).drop(columns="birthplace")
+    splits = make_splits(table, Config(unseen_per_class=2))
+    unseen = set(table.loc[splits.str.startswith("unseen"), "speaker"])
+    assert len(unseen) == 2
+    assert table.drop_duplicates("speaker").set_index("speaker").loc[sorted(unseen), "sex"].nunique() == 2
+    with caplog.at_level(logging.WARNING):
+        vocab = build_vocabularies(table, splits, ["speaker", "birthplace", "sex"])
+    assert set(vocab) == {"speaker", "sex"} and "birthplace" in caplog.text
+
+
+def test_split_by_utterance_splits_segments_of_one_talk():
+    """CSJ-style: every speaker has one long talk cut into segments that share a path."""
+    table = corpus_table(places=("tokyo", "osaka"), speakers=3, utterances=10)
+    table["path"] = table["speaker"].map(lambda s: f"/c/{s}.wav")
+    by_recording = make_splits(table, Config(unseen_per_class=0))
+    assert set(by_recording) == {"train"}  # one recording per speaker cannot be split
+    by_utterance = make_splits(table, Config(unseen_per_class=0, split_by="utterance"))
+    counts = pd.crosstab(table["speaker"], by_utterance)
+    assert (counts["train"] == 8).all() and (counts["seen_val"] == 1).all() and (counts["seen_test"] == 1).all()

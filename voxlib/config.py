@@ -43,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "class_balance": ("", "loss", "sampler"),
     "nan_policy": ("stop", "skip"),
     "precision": ("auto", "fp32", "bf16"),
+    "split_by": ("recording", "utterance"),
     "device": ("auto", "cpu", "cuda", "mps"),
 }
 
@@ -79,6 +80,7 @@ class Config:
     test_fraction: float = 0.1  # per speaker, share of utterances for seen-speaker test
     unseen_per_class: int = 1  # whole speakers per birthplace class held out as unseen
     unseen_min_speakers: int = 3  # only classes with at least this many speakers give one
+    split_by: str = "recording"  # segments of one file stay together; "utterance" splits them (CSJ IPUs)
 
     # --- model --------------------------------------------------------------------------------
     width: float = 0.25  # channel multiplier; 1.0 = the seed's 64..2048 channels

@@ -49,7 +49,7 @@ def make_splits(table: pd.DataFrame, cfg) -> pd.Series:
         if speaker in unseen:
             n_val = len(group) // 2  # the odd utterance, if any, goes to test
             got = 0
-            for idx in _recordings(group, _rng(cfg.seed, "unseen", speaker)):
+            for idx in _recordings(group, _rng(cfg.seed, "unseen", speaker), cfg.split_by == "recording"):
                 fits = got + len(idx) <= n_val
                 splits[idx] = "unseen_val" if fits else "unseen_test"
                 got += len(idx) if fits else 0
@@ -76,8 +76,10 @@ def _choose_unseen(table: pd.DataFrame, cfg) -> set[str]:
     chosen: set[str] = set()
     if cfg.unseen_per_class <= 0:
         return chosen
-    speakers = table.drop_duplicates("speaker")[["speaker", "birthplace", "sex"]]
-    for k, (place, group) in enumerate(speakers.groupby("birthplace", sort=True)):
+    # without a birthplace column (JVS) the held-out speakers are drawn from the whole corpus
+    stratum = "birthplace" if "birthplace" in table.columns else None
+    speakers = table.drop_duplicates("speaker").assign(_all="all")[["speaker", stratum or "_all", "sex"]]
+    for k, (place, group) in enumerate(speakers.groupby(stratum or "_all", sort=True)):
         if len(group) < max(cfg.unseen_min_speakers, 2):
             continue
         rng = _rng(cfg.seed, "unseen-class", place)
@@ -95,14 +97,21 @@ def _choose_unseen(table: pd.DataFrame, cfg) -> set[str]:
     return chosen
 
 
-def _recordings(group: pd.DataFrame, rng: np.random.Generator) -> list[pd.Index]:
-    """The speaker's rows grouped by source file, in a seeded order."""
-    units = [g.index for _, g in group.groupby("path", sort=True)]
+def _recordings(group: pd.DataFrame, rng: np.random.Generator, by_recording: bool = True) -> list[pd.Index]:
+    """The speaker's rows grouped by source file (or one row per unit), in a seeded order.
+
+    Grouping by file keeps windows cut from one recording (Speech Accent Archive) on one side of the
+    split; ``split_by="utterance"`` treats segments of a long talk (CSJ IPUs) as separate utterances.
+    """
+    if by_recording:
+        units = [g.index for _, g in group.groupby("path", sort=True)]
+    else:
+        units = [group.index[[i]] for i in range(len(group))]
     return [units[i] for i in rng.permutation(len(units))]
 
 
 def _split_seen_speaker(group: pd.DataFrame, splits: pd.Series, cfg) -> None:
-    units = _recordings(group, _rng(cfg.seed, "seen", group["speaker"].iloc[0]))
+    units = _recordings(group, _rng(cfg.seed, "seen", group["speaker"].iloc[0]), cfg.split_by == "recording")
     n = len(group)
     want = {"seen_test": math.floor(cfg.test_fraction * n + 0.5), "seen_val": math.floor(cfg.val_fraction * n + 0.5)}
     got = {"seen_test": 0, "seen_val": 0}
@@ -126,6 +135,9 @@ def build_vocabularies(table: pd.DataFrame, splits: pd.Series, heads: Sequence[s
     The speaker head knows only training speakers; other heads know the classes seen in training.
     A head with fewer than two classes cannot be trained and is left out with a notice.
     """
+    if "birthplace" in heads and "birthplace" not in table.columns:  # JVS: the head is simply absent
+        log.warning("head 'birthplace' skipped: the manifest has no birthplace column")
+        heads = [h for h in heads if h != "birthplace"]
     missing = [h for h in heads if h not in table.columns]
     if missing:
         raise ValueError(f"label column(s) {missing} not in the manifest (columns: {list(table.columns)})")

@@ -61,7 +61,7 @@ TRAINING_FIELDS = (
     "labels", "on_bad_file", "allow_outside_paths", "sample_rate", "n_fft", "hop_length", "n_frames",
     "feature", "top_db", "eval_crops", "val_fraction", "test_fraction", "unseen_per_class",
     "unseen_min_speakers", "width", "batch_size", "lr", "optimizer", "seed", "head_weights",
-    "class_balance", "balanced_head", "label_smoothing",
+    "class_balance", "balanced_head", "label_smoothing", "split_by",
 )
 RECORD_FIELDS = ("manifest_digest", "cache_key")
 EMBED_TRAIN_MAX = 2000  # train utterances sampled into embeddings.npz
