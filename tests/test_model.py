@@ -71,3 +71,24 @@ def test_count_flops_agrees_with_traced_shapes():
     with torch.no_grad():
         model(torch.zeros(1, 1, 256, 256))
     assert count_flops(model) == 2 * sum(macs)
+
+
+def test_small_map_convolutions_as_matmul_equal_the_convolution():
+    """The CPU matmul path of the last block and the heads gives nn.Conv2d's values and gradients."""
+    from voxlib.model import Conv2d
+
+    torch.manual_seed(0)
+    for cin, cout, k, s, p, size in ((6, 5, 4, 2, 1, 8), (6, 3, 4, 1, 0, 4), (2, 4, 3, 2, 1, (7, 5))):
+        size = size if isinstance(size, tuple) else (size, size)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            conv = Conv2d(cin, cout, k, stride=s, padding=p).to(memory_format=fmt)
+            x = torch.randn(3, cin, *size).contiguous(memory_format=fmt).requires_grad_()
+            out = conv(x)
+            ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=s, padding=p)
+            assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+            grads = torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))
+            expected = torch.autograd.grad(ref.square().sum(), (x, conv.weight, conv.bias))
+            for g, e in zip(grads, expected):
+                assert torch.allclose(g, e, atol=1e-4)
+    model = Discriminator({"a": 3}, width=1 / 16)
+    assert all(type(m) is Conv2d for m in model.modules() if isinstance(m, nn.Conv2d))

@@ -126,28 +126,11 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-@contextlib.contextmanager
 def training_settings(cfg: Config, device: torch.device):
     """The process-wide settings train.train applies, so bench steps run as training steps do."""
-    from voxlib import train as train_module
+    from voxlib.train import speed_settings
 
-    apply = getattr(train_module, "speed_settings", None)
-    if apply is not None:
-        with apply(cfg, device):
-            yield
-        return
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
-    try:
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        if device.type == "cpu":
-            torch.use_deterministic_algorithms(True)
-        elif device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        yield
-    finally:
-        torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1])
+    return speed_settings(cfg, device)
 
 
 def cpu_name() -> str:
@@ -354,29 +337,17 @@ def train_loader(cache, targets: dict, cfg: Config, device: torch.device, seed: 
 
 def loader_settings(cfg: Config, device: torch.device) -> tuple[int, bool]:
     """(workers, pin_memory) that train.py uses for ``cfg`` on ``device`` in a single process."""
-    from voxlib import train as train_module
+    from voxlib.train import loader_settings as train_loader_settings
 
-    pick = getattr(train_module, "loader_settings", None)
-    if pick is not None:
-        return pick(cfg, device, world=1)
-    workers = cfg.num_workers
-    if workers < 0:
-        workers = 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 1))
-    return workers, device.type == "cuda"
+    return train_loader_settings(cfg, device, world=1)
 
 
 def training_variant(cfg: Config, device: torch.device) -> Variant:
     """The variant train.py runs for ``cfg`` on ``device``."""
-    from voxlib import train as train_module
+    from voxlib.train import uses_bf16, uses_channels_last
 
-    pick = getattr(train_module, "uses_bf16", None)
-    bf16 = pick(cfg, device) if pick is not None else (
-        cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"))
-    channels_last = cfg.channels_last
-    pick = getattr(train_module, "uses_channels_last", None)
-    if pick is not None:
-        channels_last = pick(cfg, device)
-    return Variant("train.py default", bf16=bf16, channels_last=channels_last, compile=cfg.compile)
+    return Variant("train.py default", bf16=uses_bf16(cfg, device), channels_last=uses_channels_last(cfg, device),
+                   compile=cfg.compile)
 
 
 # --- data-loader wait --------------------------------------------------------------------------

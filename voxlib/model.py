@@ -8,15 +8,59 @@ is what lets the birthplace analysis ask how much of the trunk each head's gradi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 INPUT_SIZE = 256
 N_BLOCKS = 6
+MATMUL_MAX_POSITIONS = 16  # output maps of at most 4x4 are computed as one matrix product on CPU
 
 
 def trunk_channels(width: float) -> list[int]:
     """Output channels of the six blocks: round(64 * width * 2**i), at least 1."""
     return [max(1, round(64 * width * 2**i)) for i in range(N_BLOCKS)]
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that runs as one matrix product (im2col + GEMM) on CPU when its output map is small.
+
+    oneDNN's CPU convolutions are tuned for large maps: for the last block (8x8 -> 4x4) and the heads
+    (4x4 -> 1x1) they ran 2-4x below the machine's matmul speed, mostly in the backward pass, and
+    those layers hold most of the seed model's weights. Gathering the patches and calling one GEMM
+    gives the same values at near-matmul speed. Parameters, state dict, hooks and FLOPs are those of
+    nn.Conv2d; on other devices cuDNN's own choice is kept.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        positions = ((x.shape[-2] + 2 * ph - kh) // sh + 1) * ((x.shape[-1] + 2 * pw - kw) // sw + 1)
+        plain = self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
+        if x.device.type == "cpu" and plain and positions <= MATMUL_MAX_POSITIONS:
+            return conv_as_matmul(self, x)
+        return super().forward(x)
+
+
+def conv_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution ``conv(x)`` as patches @ weight.T; the result is channels_last.
+
+    The patch vector is ordered like the weight's memory (C,kh,kw or, for a channels_last weight,
+    kh,kw,C) so the weight is only viewed, never copied.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    patches = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, C, Ho, Wo, kh, kw)
+    batch, _, rows, cols = patches.shape[:4]
+    weight = conv.weight
+    if not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        patches = patches.permute(0, 2, 3, 4, 5, 1)
+        weight = weight.permute(0, 2, 3, 1)
+    else:
+        patches = patches.permute(0, 2, 3, 1, 4, 5)
+    patches = patches.reshape(batch * rows * cols, -1)
+    weight = weight.reshape(len(weight), -1)
+    out = patches @ weight.t() if conv.bias is None else torch.addmm(conv.bias, patches, weight.t())
+    return out.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
 
 
 class Discriminator(nn.Module):
@@ -36,7 +80,7 @@ class Discriminator(nn.Module):
         in_ch = 1
         for out_ch in trunk_channels(width):
             layers += [
-                nn.Conv2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1),
+                Conv2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1),
                 nn.BatchNorm2d(out_ch),
                 nn.LeakyReLU(0.2),
             ]
@@ -45,7 +89,7 @@ class Discriminator(nn.Module):
         self.out_channels = in_ch
         final = INPUT_SIZE // 2**N_BLOCKS  # 4: the head kernel covers the whole remaining map
         self.heads = nn.ModuleDict(
-            {name: nn.Conv2d(in_ch, n, kernel_size=final, stride=1, padding=0) for name, n in head_sizes.items()}
+            {name: Conv2d(in_ch, n, kernel_size=final, stride=1, padding=0) for name, n in head_sizes.items()}
         )
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
