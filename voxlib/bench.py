@@ -331,7 +331,7 @@ def train_loader(cache, targets: dict, cfg: Config, device: torch.device, seed: 
     workers, pin = loader_settings(cfg, device)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen,
-                        num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+                        num_workers=workers, pin_memory=pin, persistent_workers=False)
     return data, loader
 
 
@@ -442,9 +442,12 @@ def memory_probe(manifest_path: str, cfg: Config, device: torch.device, steps: i
                 if done >= steps:
                     break
         sync(device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
     status = _proc_status()
+    # VmHWM is this process's own peak; ru_maxrss on Linux also carries the parent's size across exec
+    peak_mb = status.get("VmHWM")
+    if peak_mb is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, else KiB
     out = {"rows": len(cache), "steps": steps, "max_rss_mb": peak_mb,
            "rss_anon_mb": status.get("RssAnon"), "rss_file_mb": status.get("RssFile")}
     if device.type == "cuda":
