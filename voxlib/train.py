@@ -602,7 +602,9 @@ class Trainer:
         total_sum = torch.zeros(1, dtype=torch.float64)
         grad_sq, grad_n, skipped = torch.zeros(H, dtype=torch.float64), 0, 0
         step_base = (epoch - 1) * len(self.train_loader)
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not env.main)
+        # per-batch bars only on a terminal: in notebooks and logs every refresh would become a line
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False,
+                   disable=not (env.main and sys.stderr.isatty()))
         for i, (x, y, rows) in enumerate(bar):
             self.maybe_pause("step", step_base + i)
             x = x.to(self.device, non_blocking=True)
