@@ -544,6 +544,7 @@ class Bench:
         print(f"[{time.perf_counter() - self.t0:6.0f} s] {text}", flush=True)
 
     def run(self) -> dict:
+        self.record["machine"]["load_before"] = _load()
         with training_settings(self.cfg, self.device):
             self.record["machine"]["threads"] = torch.get_num_threads()
             peaks = [self.peaks("before")]
@@ -555,6 +556,7 @@ class Bench:
         self.data_sections()
         self.record["gpu"] = self.gpu()
         self.record["seconds"] = time.perf_counter() - self.t0
+        self.record["machine"]["load_after"] = _load()
         return self.record
 
     def peaks(self, when: str) -> dict:
@@ -670,6 +672,14 @@ class Bench:
         return gpu_estimate(self.epoch_utterances, epochs, frac)
 
 
+def _load() -> float | None:
+    """1-minute load average: other processes on the cores show up here, and in every timing."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _plain(value):
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
@@ -684,6 +694,9 @@ def format_table(record: dict) -> str:
     m = record["machine"]
     lines.append(f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, device {m['device']}"
                  + (f" ({m['gpu']})" if "gpu" in m else ""))
+    if m.get("load_before") is not None:
+        lines.append(f"load average (1 min) before/after: {m['load_before']:.1f} / {m.get('load_after') or 0:.1f} "
+                     f"on {m['cores']} cores (other processes slow every measurement; compare runs at low load)")
     p = record["peak"]
     passes = lambda d: " / ".join(f"{x['flops'] / 1e9:.0f}" for x in p[d]["passes"])
     lines.append(f"matmul peak: fp32 {p['fp32']['flops'] / 1e9:.1f} GFLOP/s, bf16 {p['bf16']['flops'] / 1e9:.1f} "
