@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from voxlib import __version__
 from voxlib.audio import load_audio
+from voxlib.checkpoint import fsync_dir
 from voxlib.config import Config, outputs_dir
 
 log = logging.getLogger(__name__)
@@ -201,19 +202,6 @@ def _write_block(fh, block: np.ndarray) -> None:
     fh.write(memoryview(np.ascontiguousarray(block)).cast("B"))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _read_meta(folder: Path) -> dict | None:
     """meta.json of a complete cache folder, or None (missing, unreadable, or sizes disagree)."""
     try:
@@ -316,7 +304,7 @@ class FeatureCache:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": round(time.perf_counter() - started, 3),
             }
             _write_text(target, json.dumps(meta, indent=1))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             target = self.path
             self._install(tmp)
         except OSError as err:
@@ -397,7 +385,7 @@ class FeatureCache:
             if _read_meta(self.path) is None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # identical content already installed by another process
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def _remove_stale_temps(self, root: Path) -> None:
         """Delete temp folders of this key left by builds whose process no longer runs."""
