@@ -32,6 +32,19 @@ def outputs_dir() -> Path:
     return Path(os.environ.get("VOX_OUTPUTS") or project_root() / "outputs")
 
 
+def default_run_dir(cfg: "Config") -> Path:
+    """The run folder used when ``run_dir`` is "": ``outputs/runs/<corpus name>``.
+
+    The corpus name is the manifest's folder name; the built-in corpus lives in a folder named after
+    its settings (voxlib.demo.demo_tag), so other demo settings never resume an unrelated run.
+    """
+    if cfg.manifest:
+        return outputs_dir() / "runs" / Path(cfg.manifest).absolute().parent.name
+    from voxlib.demo import demo_tag  # demo imports this module
+
+    return outputs_dir() / "runs" / demo_tag(cfg)
+
+
 # The 2019 experiment, for a GPU: apply with Config(preset="seed") or --preset seed.
 SEED_PRESET: dict[str, Any] = dict(width=1.0, batch_size=10, lr=1e-5, epochs=1000, optimizer="rmsprop")
 

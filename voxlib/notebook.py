@@ -14,7 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
-from voxlib.config import Config, ConfigError, outputs_dir, project_root
+from voxlib.config import Config, ConfigError, default_run_dir, project_root
 
 PATH_FIELDS = ("manifest", "run_dir", "compare_run_dir", "cache_dir")  # str fields naming files/folders
 
@@ -31,19 +31,6 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
             path = Path(value).expanduser()
             changes[name] = str(path if path.is_absolute() else (base / path).resolve())
     return dataclasses.replace(cfg, **changes)
-
-
-def default_run_dir(cfg: Config) -> Path:
-    """The run folder training picks when ``run_dir`` is "": ``outputs/runs/<corpus name>``.
-
-    The corpus name is the manifest's folder name; the built-in corpus lives in a folder named after
-    its settings (voxlib.demo.demo_tag), so other demo settings never resume an unrelated run.
-    """
-    if cfg.manifest:
-        return outputs_dir() / "runs" / Path(cfg.manifest).absolute().parent.name
-    from voxlib.demo import demo_tag
-
-    return outputs_dir() / "runs" / demo_tag(cfg)
 
 
 def prepare(cfg: Config, need: str = "manifest") -> Config:

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from voxlib import __version__
 from voxlib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_atomic
-from voxlib.config import Config, ConfigError, outputs_dir, project_root
+from voxlib.config import Config, ConfigError, default_run_dir, project_root
 from voxlib.data import (HELD_OUT, BalancedSampler, CropDataset, build_vocabularies, encode_targets,
                          make_splits)
 from voxlib.model import Discriminator
@@ -410,7 +410,7 @@ class Trainer:
                     sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, progress=env.main,
                     cache_dir=cfg.cache_dir or None)
             env.barrier()
-        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else outputs_dir() / "runs" / self.manifest.name
+        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
         if env.main:
             for note in getattr(self.manifest, "notices", []):
                 log.info("%s", note)

@@ -22,16 +22,18 @@ from typing import Any, Callable, Iterable
 import soundfile as sf
 from tqdm import tqdm
 
+from voxlib.corpora.manifest import SEX_TOKENS
+
 DEFAULT_MANIFEST = "vox_manifest.csv"
 SEX_CLASSES = ("female", "male")
 
 # Spellings of the two sex classes met in corpus metadata (VCTK F/M, CSJ kanji, Common Voice's
 # newer gender vocabulary). Keys are compared lower-cased and stripped.
+# The manifest's own spellings (SEX_TOKENS) plus those only corpus metadata uses.
 SEX_ALIASES = {
-    "f": "female", "female": "female", "woman": "female", "women": "female", "女": "female",
-    "女性": "female", "female_feminine": "female",
-    "m": "male", "male": "male", "man": "male", "men": "male", "男": "male", "男性": "male",
-    "male_masculine": "male",
+    **SEX_TOKENS,
+    "women": "female", "female_feminine": "female",
+    "men": "male", "male_masculine": "male",
 }
 # Real answers that are neither of the two classes this experiment trains: dropped with their own
 # reason, never forced into female/male.
