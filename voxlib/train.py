@@ -21,7 +21,8 @@ Re-running the same command on an existing run folder resumes from ``checkpoints
 ends with exactly the weights and metrics of an uninterrupted run (bit for bit on CPU); ``--epochs``
 may be raised to train on. A changed corpus or training setting is refused with what changed. Runs
 under DDP use gloo on CPU and nccl on CUDA; only rank 0 writes the run folder, and a checkpoint
-holds the unwrapped model, so a run may resume with a different number of processes.
+holds the unwrapped model, so a run may resume with a different number of processes
+(``summary.json`` gives the world size of the launch that finished the run).
 """
 from __future__ import annotations
 
@@ -130,7 +131,10 @@ def loader_settings(cfg: Config, device: torch.device, world: int = 1) -> tuple[
         # CPU: a crop from the memmap is cheap, but collating a batch in this process runs on the
         # training threads, and on a busy machine each of its parallel copies waited for a core:
         # 14 % of the step (bench). One worker prepares the next batch meanwhile: under 1 %.
-        workers = 1 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) // world - 1))
+        # Accelerators: the cores this process may use (a batch job's share, not the whole node), split
+        # among the processes, one kept for the training loop.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+        workers = 1 if device.type == "cpu" else min(8, max(1, cores // world - 1))
     return workers, device.type == "cuda"
 
 
@@ -457,15 +461,21 @@ class Trainer:
         params = self.net.parameters()
         self.optimizer = (torch.optim.RMSprop(params, lr=cfg.lr) if cfg.optimizer == "rmsprop"
                           else torch.optim.Adam(params, lr=cfg.lr))
-        self.fast = torch.compile(self.net) if cfg.compile else self.net
+        if cfg.compile:
+            # The trunk only (the heads are a few small matrix products): a compiled whole model hands
+            # back the trunk output beside the logits, not as their input, so the heads' gradients at
+            # the trunk (grad_norm) could not be taken. The state dict keeps its keys. On CPU this needs
+            # the deterministic algorithms of speed_settings: without them, torch 2.13's compiled
+            # backward of unfold (conv_as_matmul) writes past its buffer and corrupts the heap.
+            self.net.trunk = torch.compile(self.net.trunk)
         if self.env.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             # BatchNorm buffers are kept identical by the synced statistics: no per-step broadcast
-            self.model = DDP(self.fast, device_ids=ids, forward_sync_buffers=False)
+            self.model = DDP(self.net, device_ids=ids, forward_sync_buffers=False)
         else:
-            self.model = self.fast
+            self.model = self.net
         if uses_bf16(cfg, self.device):
             self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
         else:
@@ -661,7 +671,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, rows: np.ndarray, shard: bool = True, collect: bool = False) -> dict:
         """Loss/accuracy per head on ``rows`` with crop-averaged probabilities (optionally kept)."""
-        self.fast.eval()
+        self.net.eval()
         H = len(self.heads)
         loss_sum, correct, valid = (torch.zeros(H, dtype=torch.float64) for _ in range(3))
         kept = {"row": [], "probs": {h: [] for h in self.heads}, "features": []}
@@ -671,7 +681,7 @@ class Trainer:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast():
-                logits, trunk = self.fast(x, return_trunk=True)
+                logits, trunk = self.net(x, return_trunk=True)
             for k, h in enumerate(self.heads):
                 probs = logits[h].float().softmax(1).reshape(n, crops, -1).mean(1).cpu()
                 t = y[h]
