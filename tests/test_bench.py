@@ -29,7 +29,8 @@ def record(tmp_path_factory) -> dict:
         peak_sizes=(64, 128), peak_repeats=2,
         models={"seed": (0.125, dict(HEADS)), "cpu_default": (0.0625, dict(HEADS))},
         batches={"seed": (2, 4), "cpu_default": (2,)}, warmup=1, steps=1, compile_models=(),
-        corpus=dict(birthplaces=2, speakers=2, utterances=3, seconds=2.5), loader_steps=3, memory_steps=2)
+        corpus=dict(birthplaces=2, speakers=2, utterances=3, seconds=2.5), loader_steps=3, memory_steps=2,
+        cache_copies=2)
     cfg = Config(width=0.0625, batch_size=4, threads=1, cache_dir=str(out / "unused"))
     path = bench.run_bench(plan, cfg, torch.device("cpu"), epoch_utterances=500, out=out, quick=True)
     assert path.parent == out and path.suffix == ".json"
@@ -85,8 +86,11 @@ def test_loader_features_and_memory_sections(record):
     assert record["targets"]["loader_wait_share"]["met"] == (loader["wait_share"] <= 0.05)
     features = record["features"]
     assert record["targets"]["cache_speedup"]["met"] == (features["speedup"] >= 3)
-    assert features["clips"] == 4 * 2 * 2 * 3  # the 4x corpus
+    assert features["clips"] == 2 * 2 * 2 * 3  # the corpus listed cache_copies = 2 times
     assert features["speedup"] == pytest.approx(features["librosa_s"] / features["cache_s"])
+    assert features["cache_s"] == min(features["cache_times"]) and len(features["cache_times"]) == 3
+    assert features["librosa_s"] == min(features["librosa_times"]) and len(features["librosa_times"]) == 3
+    assert features["workers"] >= 1
     # same output: float16 storage differs from librosa's float32 by at most half a float16 step near 1
     assert features["same_shapes"] and features["max_abs_diff"] < 2e-3
     memory = record["memory"]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import soundfile as sf
 import torch
@@ -140,9 +141,33 @@ def test_process_pool_build_equals_in_process_build(tiny_corpus, tmp_path):
     m = read_manifest(tiny_corpus, progress=False)
     serial = FeatureCache(m, Config(cache_dir=str(tmp_path / "a")), workers=1, progress=False)
     pooled = FeatureCache(m, Config(cache_dir=str(tmp_path / "b")), workers=2, progress=False)
-    assert serial.key == pooled.key
-    assert (serial.path / "features.f16").read_bytes() == (pooled.path / "features.f16").read_bytes()
-    assert (serial.path / "index.csv").read_text() == (pooled.path / "index.csv").read_text()
+    assert serial.key == pooled.key and serial.meta["build_workers"] == 1 and pooled.meta["build_workers"] == 2
+    a, b = pd.read_csv(serial.path / "index.csv"), pd.read_csv(pooled.path / "index.csv")
+    assert a[["row", "n_frames"]].equals(b[["row", "n_frames"]])
+    # Pool workers place chunks in the order they finish; every row's frames are still exactly the
+    # same and the rows tile the file without gaps or overlaps.
+    ends = sorted(zip(b["offset"], b["offset"] + b["n_frames"]))
+    assert ends[0][0] == 0 and all(stop == nxt for (_, stop), (nxt, _) in zip(ends, ends[1:]))
+    assert (pooled.path / "features.f16").stat().st_size == (serial.path / "features.f16").stat().st_size
+    for i in range(len(serial)):
+        assert np.array_equal(serial.get(i), pooled.get(i)), i
+    assert sorted(p.name for p in pooled.path.iterdir()) == ["features.f16", "index.csv", "meta.json"]
+
+
+def test_disk_full_in_a_pool_worker_names_the_file_and_leaves_no_temp_folder(tiny_corpus, tmp_path, monkeypatch):
+    m = read_manifest(tiny_corpus, progress=False)
+    real_pwrite = os.pwrite
+
+    def full_disk(fd, data, position):
+        if position > 0:  # the first chunk fits, a later one does not
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, position)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)  # pool workers are forked and inherit the patch
+    with pytest.raises(OSError) as info:
+        FeatureCache(m, Config(cache_dir=str(tmp_path / "cache")), workers=2, progress=False)
+    assert info.value.errno == errno.ENOSPC and "(disk full)" in str(info.value) and "features.f16" in str(info.value)
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_key_changes_with_settings_and_corpus_and_says_why(corpus_copy, tmp_path, caplog):
@@ -176,7 +201,7 @@ def test_disk_full_leaves_existing_cache_intact_and_no_temp_folder(corpus_copy, 
     written = []
 
     def full_disk(fh, block):
-        if len(written) == 5:
+        if len(written) == 2:  # the third block of four: features.f16 is part-written
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         written.append(len(block))
         fh.write(block.tobytes())
