@@ -34,7 +34,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -47,6 +47,7 @@ from voxlib import __version__
 from voxlib.audio import load_audio
 from voxlib.checkpoint import fsync_dir
 from voxlib.config import Config, outputs_dir
+from voxlib.heap import trim_before_fork
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ N_MELS = 256
 FORMAT_VERSION = 1  # bump when the transform or the file layout changes: old caches get a new key
 _PIECE_FRAMES = 2048  # frames per STFT piece (bounds memory for long recordings)
 _MIN_POWER = 1e-30  # floor before log10 (a normal float32); anything this small maps to 0 anyway
+_SYNC_BYTES = 32 << 20  # a pool build starts flushing features.f16 to disk every this many bytes
 _BATCH_FRAMES = 512  # frames per torch.stft call; larger batches fall out of the CPU cache and run slower
 
 
@@ -371,12 +373,20 @@ class FeatureCache:
         bar = tqdm(total=len(jobs), desc=f"features {manifest.name}", unit="clip", disable=not progress)
         offsets: list[int] = []
         lengths: list[int] = []
-        with open(target, "wb") as fh:
+        row_bytes, unsynced, flushing = n_bins(cfg) * 2, 0, None
+        with open(target, "wb") as fh, ThreadPoolExecutor(1) as syncer:
             results = self._chunk_results(chunks, cfg, workers, fh) if workers > 1 else self._in_process(chunks, cfg, fh)
             for frames, first in results:
                 offsets.extend((first + np.cumsum([0] + frames[:-1])).tolist())
                 lengths.extend(frames)
                 bar.update(len(frames))
+                unsynced += sum(frames) * row_bytes
+                if workers > 1 and unsynced >= _SYNC_BYTES and (flushing is None or flushing.done()):
+                    # While pool workers compute, push what they wrote to disk from a thread here, so
+                    # the closing fsync has little left to wait for.
+                    flushing, unsynced = syncer.submit(os.fsync, fh.fileno()), 0
+            if flushing is not None:
+                flushing.result()
             fh.flush()
             os.fsync(fh.fileno())
             size = os.fstat(fh.fileno()).st_size
@@ -413,6 +423,7 @@ class FeatureCache:
         # fork starts workers in milliseconds; elsewhere (macOS, Windows) the platform default.
         context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
         placed = context.Value("q", 0)
+        trim_before_fork()
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                                  initargs=(fh.name, placed)) as pool:
             pending: deque = deque()

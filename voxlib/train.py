@@ -53,6 +53,7 @@ from voxlib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint,
 from voxlib.config import Config, ConfigError, default_run_dir, project_root
 from voxlib.data import (HELD_OUT, BalancedSampler, CropDataset, build_vocabularies, encode_targets,
                          make_splits)
+from voxlib.heap import keep_freed_memory
 from voxlib.model import Discriminator
 
 log = logging.getLogger(__name__)
@@ -331,7 +332,7 @@ def speed_settings(cfg: Config, device: torch.device):
     every new tensor with NaN to expose reads of uninitialised memory: ~12 % of a CPU training step
     for no change in any result, so that is switched off. Denormals are flushed to zero (tiny
     RMSprop averages would otherwise take the slow path), and freed activations stay in the heap
-    (see ``_keep_freed_memory``). On CUDA, cuDNN picks its fastest kernels.
+    (see ``heap.keep_freed_memory``). On CUDA, cuDNN picks its fastest kernels.
     """
     import torch.utils.deterministic as deterministic
 
@@ -344,7 +345,7 @@ def speed_settings(cfg: Config, device: torch.device):
             torch.use_deterministic_algorithms(True)
             deterministic.fill_uninitialized_memory = False
             torch.set_flush_denormal(True)
-            _keep_freed_memory(True)
+            keep_freed_memory(True)
         elif device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         yield
@@ -355,32 +356,7 @@ def speed_settings(cfg: Config, device: torch.device):
         torch.backends.cudnn.benchmark = saved[3]
         if device.type == "cpu":
             torch.set_flush_denormal(False)
-            _keep_freed_memory(False)
-
-
-def _keep_freed_memory(keep: bool) -> None:
-    """Keep freed blocks in glibc's heap during CPU training, or restore the defaults and trim.
-
-    glibc hands every block of 32 MB or more (activations, gradients, RMSprop temporaries) back to
-    the kernel when freed and faults it in again, zeroed, on the next step: ~500k page faults and
-    ~20 % of a seed-width step. Without mmap'd blocks and heap trimming the pages are reused; the
-    process keeps its peak footprint until the run ends. No-op where libc has no mallopt.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    if keep:
-        mallopt(m_mmap_max, 0)
-        mallopt(m_trim_threshold, 2**31 - 1)
-    else:
-        mallopt(m_mmap_max, 65536)
-        mallopt(m_trim_threshold, 128 * 1024)
-        trim(0)
+            keep_freed_memory(False)
 
 
 class Trainer:
