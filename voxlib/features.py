@@ -55,6 +55,7 @@ N_MELS = 256
 FORMAT_VERSION = 1  # bump when the transform or the file layout changes: old caches get a new key
 _PIECE_FRAMES = 2048  # frames per STFT piece (bounds memory for long recordings)
 _MIN_POWER = 1e-30  # floor before log10 (a normal float32); anything this small maps to 0 anyway
+_CHUNK_ROWS = 16  # clips per work item of a pool build (at least 4 items per worker)
 _SYNC_BYTES = 32 << 20  # a pool build starts flushing features.f16 to disk every this many bytes
 _BATCH_FRAMES = 512  # frames per torch.stft call; larger batches fall out of the CPU cache and run slower
 
@@ -366,7 +367,7 @@ class FeatureCache:
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = self.build_workers = max(1, min(workers, len(jobs)))
-        size = max(1, min(32, math.ceil(len(jobs) / (workers * 4))))
+        size = max(1, min(_CHUNK_ROWS, math.ceil(len(jobs) / (workers * 4))))
         chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
         if cfg.feature == "mel":
             mel_filterbank(cfg.sample_rate, cfg.n_fft)  # once, before forking, so workers inherit it
