@@ -366,6 +366,8 @@ class FeatureCache:
         jobs = list(zip(table["path"], table["start"].astype(float), table["end"].astype(float)))
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if not hasattr(os, "pwrite"):
+            workers = 1  # Windows: pool workers write with positional writes, which it lacks
         workers = self.build_workers = max(1, min(workers, len(jobs)))
         size = max(1, min(_CHUNK_ROWS, math.ceil(len(jobs) / (workers * 4))))
         chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
