@@ -190,7 +190,6 @@ class TrainStep:
         self.net.train()
         if variant.compile:  # the trunk, as train.py compiles it
             self.net.trunk = torch.compile(self.net.trunk)
-        self.model = self.net
         self.optimizer = torch.optim.RMSprop(self.net.parameters(), lr=lr)
         self.flops = count_flops(self.net, batch, training=True)
         gen = torch.Generator().manual_seed(seed)
@@ -212,7 +211,7 @@ class TrainStep:
     def __call__(self, x: torch.Tensor | None = None, y: dict | None = None) -> float:
         x, y = (self.x, self.y) if x is None else (x, y)
         with self.autocast():
-            logits = self.model(x)
+            logits = self.net(x)
         loss = sum(F.cross_entropy(logits[h].float(), y[h]) for h in y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

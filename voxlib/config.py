@@ -32,6 +32,13 @@ def outputs_dir() -> Path:
     return Path(os.environ.get("VOX_OUTPUTS") or project_root() / "outputs")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (a batch job's share, not the whole node), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_run_dir(cfg: "Config") -> Path:
     """The run folder used when ``run_dir`` is "": ``outputs/runs/<corpus name>``.
 

@@ -48,7 +48,7 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
-from voxlib.config import Config, ConfigError, outputs_dir
+from voxlib.config import Config, ConfigError, outputs_dir, usable_cores
 
 SAMPLE_RATE = 16000
 CORPUS_VERSION = 2  # bump when the generator changes, so existing corpora are rebuilt
@@ -459,7 +459,7 @@ def _render_all(plan: str, results: str) -> None:
     jobs, with their results, to ``results``.
     """
     jobs: list[SpeakerJob] = pickle.loads(Path(plan).read_bytes())
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = usable_cores()
     done: dict[str, SpeakerJob] = {}
     context = multiprocessing.get_context("fork")
     with context.Pool(max(1, min(len(jobs), cpus)), maxtasksperchild=1) as pool:

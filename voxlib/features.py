@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from voxlib import __version__
 from voxlib.audio import load_audio
 from voxlib.checkpoint import fsync_dir
-from voxlib.config import Config, outputs_dir
+from voxlib.config import Config, outputs_dir, usable_cores
 from voxlib.heap import trim_before_fork
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ class FeatureCache:
         table = manifest.table
         jobs = list(zip(table["path"], table["start"].astype(float), table["end"].astype(float)))
         if workers is None:
-            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            workers = usable_cores()
         if not hasattr(os, "pwrite"):
             workers = 1  # Windows: pool workers write with positional writes, which it lacks
         workers = self.build_workers = max(1, min(workers, len(jobs)))
@@ -394,7 +394,7 @@ class FeatureCache:
             os.fsync(fh.fileno())
             size = os.fstat(fh.fileno()).st_size
         bar.close()
-        expected = sum(lengths) * n_bins(cfg) * 2
+        expected = sum(lengths) * row_bytes
         if size != expected:
             raise OSError(errno.EIO, f"{target} holds {size} bytes after the build, expected {expected}")
         return offsets, lengths

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from voxlib import __version__
 from voxlib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_atomic
-from voxlib.config import Config, ConfigError, default_run_dir, project_root
+from voxlib.config import Config, ConfigError, default_run_dir, project_root, usable_cores
 from voxlib.data import (HELD_OUT, BalancedSampler, CropDataset, build_vocabularies, encode_targets,
                          make_splits)
 from voxlib.heap import keep_freed_memory
@@ -134,8 +134,7 @@ def loader_settings(cfg: Config, device: torch.device, world: int = 1) -> tuple[
         # 14 % of the step (bench). One worker prepares the next batch meanwhile: under 1 %.
         # Accelerators: the cores this process may use (a batch job's share, not the whole node), split
         # among the processes, one kept for the training loop.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-        workers = 1 if device.type == "cpu" else min(8, max(1, cores // world - 1))
+        workers = 1 if device.type == "cpu" else min(8, max(1, usable_cores() // world - 1))
     return workers, device.type == "cuda"
 
 
