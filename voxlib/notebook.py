@@ -14,7 +14,8 @@ import re
 import warnings
 from pathlib import Path
 
-from voxlib.config import Config, ConfigError, default_run_dir, project_root
+from voxlib.config import Config, ConfigError, project_root
+from voxlib.runfolder import default_run_dir
 
 PATH_FIELDS = ("manifest", "run_dir", "compare_run_dir", "cache_dir")  # str fields naming files/folders
 

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from voxlib.config import Config, ConfigError, project_root
-from voxlib.notebook import PATH_FIELDS, default_run_dir
+from voxlib.notebook import PATH_FIELDS
+from voxlib.runfolder import default_run_dir
 
 NOTEBOOKS = ("01_explore", "02_train", "03_birthplace")
 

@@ -50,7 +50,8 @@ from tqdm.auto import tqdm
 
 from voxlib import __version__
 from voxlib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_atomic
-from voxlib.config import Config, ConfigError, default_run_dir, project_root, usable_cores
+from voxlib.config import Config, ConfigError, project_root, usable_cores
+from voxlib.runfolder import default_run_dir
 from voxlib.data import (HELD_OUT, BalancedSampler, CropDataset, build_vocabularies, encode_targets,
                          make_splits)
 from voxlib.heap import keep_freed_memory
@@ -59,12 +60,7 @@ from voxlib.model import Discriminator
 log = logging.getLogger(__name__)
 
 # Settings that change what is learned; a resumed run must match them (epochs may grow).
-TRAINING_FIELDS = (
-    "labels", "on_bad_file", "allow_outside_paths", "sample_rate", "n_fft", "hop_length", "n_frames",
-    "feature", "top_db", "eval_crops", "val_fraction", "test_fraction", "unseen_per_class",
-    "unseen_min_speakers", "width", "batch_size", "lr", "optimizer", "seed", "head_weights",
-    "class_balance", "balanced_head", "label_smoothing", "split_by",
-)
+TRAINING_FIELDS = tuple(Config().values("features")) + tuple(Config().values("learning"))
 RECORD_FIELDS = ("manifest_digest", "cache_key")
 EMBED_TRAIN_MAX = 2000  # train utterances sampled into embeddings.npz
 METRIC_COLUMNS = ["epoch", "split", "head", "metric", "value"]
@@ -847,7 +843,9 @@ def _to_tuple(value):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = Config.from_args(argv)
+    from voxlib.cli import parse_config
+
+    cfg = parse_config(argv)
     try:
         run_dir = train(cfg)
     except (TrainingError, CheckpointError, ConfigError) as err:
