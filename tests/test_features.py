@@ -176,7 +176,7 @@ def test_key_changes_with_settings_and_corpus_and_says_why(corpus_copy, tmp_path
     first = FeatureCache(m, cfg, workers=1, progress=False)
     assert features.cache_key(m, Config(cache_dir=cfg.cache_dir, top_db=60.0)) != first.key
     assert features.cache_key(m, Config(cache_dir=cfg.cache_dir, feature="mel")) != first.key
-    assert features.cache_key(m, Config(cache_dir=cfg.cache_dir, n_frames=128)) == first.key  # crop length
+    assert features.cache_key(m, Config(cache_dir=cfg.cache_dir, eval_crops=5)) == first.key  # crops taken later
     clip = corpus_copy.parent / "west_is_new.wav"
     sf.write(clip, sine(300, 0.3), SR)
     with corpus_copy.open("a") as fh:

@@ -1,8 +1,7 @@
-"""Training survives kill -9 (mid-epoch and mid-checkpoint) and a full disk, and then finishes with
-exactly the weights and metrics of an uninterrupted run."""
+"""Training survives a kill or a failure at every write of an epoch, and then finishes with exactly
+the weights, checkpoints and outputs of an uninterrupted run."""
 from __future__ import annotations
 
-import builtins
 import errno
 import os
 import signal
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-import voxlib.checkpoint as checkpoint_module
+import voxlib.fileio as fileio
 import voxlib.train as train_module
 from voxlib.checkpoint import load_checkpoint
 from voxlib.config import Config
@@ -23,6 +22,9 @@ from voxlib.train import TrainingError, train
 
 # 36 training utterances / batch 8 = 4 steps per epoch; two epochs
 SETTINGS = dict(width=1 / 16, batch_size=8, lr=1e-4, epochs=2, threads=2, grad_log_every=2, eval_crops=1)
+RUNNER = Path(__file__).with_name("fault_runner.py")
+# every file an epoch or the end of a run writes, in the order training writes them
+WRITES = ("metrics.csv", "tb", "best.pt", "last.pt", "predictions.csv", "embeddings.npz", "summary.json")
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +32,13 @@ def base(tiny_corpus, tmp_path_factory) -> dict:
     return dict(SETTINGS, manifest=str(tiny_corpus), cache_dir=str(tmp_path_factory.mktemp("cache")))
 
 
-def command(base: dict, run: Path) -> list[str]:
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in base.items()]
-    return [sys.executable, "-m", "voxlib.train", *flags, f"--run-dir={run}"]
+def flags(base: dict, run: Path) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in base.items()] + [f"--run-dir={run}"]
 
 
 def run_to_end(base: dict, run: Path) -> None:
-    proc = subprocess.run(command(base, run), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "voxlib.train", *flags(base, run)], capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -48,10 +50,10 @@ def reference(base, tmp_path_factory) -> Path:
 
 
 def kill_at(base: dict, run: Path, point: str, tmp_path: Path) -> None:
-    """Start training, wait until it reaches ``point`` (a fault-injection pause), then SIGKILL it."""
+    """Start training, wait until it reaches ``point`` (a pause the runner installs), then SIGKILL it."""
     marker = tmp_path / f"paused-{point.replace(':', '-')}"
-    env = {**os.environ, "VOX_FAULT_PAUSE": point, "VOX_FAULT_MARKER": str(marker)}
-    proc = subprocess.Popen(command(base, run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, str(RUNNER), point, str(marker), "--", *flags(base, run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not marker.exists():
         if proc.poll() is not None:
@@ -65,14 +67,18 @@ def kill_at(base: dict, run: Path, point: str, tmp_path: Path) -> None:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    sa, sb = load_checkpoint(a / "checkpoints" / "last.pt"), load_checkpoint(b / "checkpoints" / "last.pt")
-    assert sa["epoch"] == sb["epoch"] == SETTINGS["epochs"]
-    for key, value in sa["model"].items():
-        assert torch.equal(value, sb["model"][key]), key
+    for name in ("last.pt", "best.pt"):
+        sa, sb = (load_checkpoint(r / "checkpoints" / name) for r in (a, b))
+        assert sa["epoch"] == sb["epoch"], name
+        for key, value in sa["model"].items():
+            assert torch.equal(value, sb["model"][key]), (name, key)
+    assert load_checkpoint(b / "checkpoints" / "last.pt")["epoch"] == SETTINGS["epochs"]
     ma, mb = (pd.read_csv(r / "metrics.csv") for r in (a, b))
     ma, mb = (m[m["metric"] != "seconds"].reset_index(drop=True) for m in (ma, mb))  # wall time differs
     pd.testing.assert_frame_equal(ma, mb)
-    assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
+    for name in ("predictions.csv", "embeddings.npz"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (b / "summary.json").is_file()
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
 
@@ -93,57 +99,84 @@ def test_kill_mid_epoch_and_mid_checkpoint_then_resume(base, reference, tmp_path
     assert_same_run(reference, run)  # epoch-2 rows were dropped and redone, not duplicated
 
 
-def failing_open(target: str, fail_on: int):
-    """``open`` that runs out of disk space on the ``fail_on``-th write of a file named ``target``."""
-    calls = {"n": 0}
+class SimulatedKill(BaseException):
+    """Raised at a write point: nothing in vox catches it, so no cleanup runs, as under kill -9."""
 
-    class Full:
-        def __init__(self, fh):
-            self.fh = fh
 
-        def write(self, data):
-            self.fh.write(data[: len(data) // 2])  # a partial write, then the disk is full
+def write_counts(base: dict, tmp_path: Path) -> dict[str, int]:
+    """How often a clean run passes each write point (the fault goes to the last one: the end state)."""
+    counts: dict[str, int] = {}
+
+    def count(point, detail):
+        if point == "write":
+            counts[detail] = counts.get(detail, 0) + 1
+
+    train_module.FAULT_HOOKS.append(count)
+    try:
+        train(Config(**base, run_dir=str(tmp_path / "counting")))
+    finally:
+        train_module.FAULT_HOOKS.remove(count)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def counts(base, tmp_path_factory) -> dict[str, int]:
+    return write_counts(base, tmp_path_factory.mktemp("counts"))
+
+
+@pytest.mark.parametrize("how", ["disk full", "kill"])
+@pytest.mark.parametrize("target", WRITES)
+def test_a_failure_at_any_write_resumes_to_the_uninterrupted_run(base, reference, counts, tmp_path, target, how):
+    """Fail the last write of each file in turn (inside the atomic write, after its temp file is on disk,
+    or just before a TensorBoard flush), then re-run the same command: every file ends identical."""
+    assert set(counts) == set(WRITES)
+    run = tmp_path / "run"
+    seen = {"n": 0}
+
+    def fail() -> None:
+        seen["n"] += 1
+        if seen["n"] == counts[target]:
+            if how == "kill":
+                raise SimulatedKill(target)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
+    def at_point(point, detail):
+        if point == "write" and detail == target and target == "tb":
+            fail()
 
-        def __enter__(self):
-            return self
+    def at_replace(path: Path, tmp: Path):
+        if path.name == target:
+            fail()
 
-        def __exit__(self, *exc):
-            self.fh.close()
+    train_module.FAULT_HOOKS.append(at_point)
+    fileio.BEFORE_REPLACE_HOOKS.append(at_replace)
+    try:
+        with pytest.raises(SimulatedKill if how == "kill" else TrainingError) as err:
+            train(Config(**base, run_dir=str(run)))
+    finally:
+        train_module.FAULT_HOOKS.remove(at_point)
+        fileio.BEFORE_REPLACE_HOOKS.remove(at_replace)
+    if how == "disk full" and target != "tb":
+        assert target in str(err.value) and "No space left on device" in str(err.value)
+        assert not list(run.rglob(f".{target}.tmp*"))  # a failed write leaves no temp file
+    train(Config(**base, run_dir=str(run)))
+    assert_same_run(reference, run)
 
-    def fake_open(file, mode="r", *args, **kwargs):
-        fh = builtins.open(file, mode, *args, **kwargs)
-        if Path(file).name.startswith((target, f".{target}")) and ("w" in mode or "a" in mode):
-            calls["n"] += 1
-            if calls["n"] == fail_on:
-                return Full(fh)
-        return fh
 
-    return fake_open
-
-
-def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(base, reference, tmp_path, monkeypatch):
+def test_disk_full_names_the_file_and_the_intact_checkpoint(base, tmp_path):
     run = tmp_path / "run"
-    cfg = Config(**base, run_dir=str(run))
-    monkeypatch.setattr(checkpoint_module, "open", failing_open("last.pt", fail_on=2), raising=False)
-    with pytest.raises(TrainingError) as err:
-        train(cfg)
+
+    def full(path: Path, tmp: Path):
+        if path.name == "last.pt" and load_checkpoint(tmp)["epoch"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    fileio.BEFORE_REPLACE_HOOKS.append(full)
+    try:
+        with pytest.raises(TrainingError) as err:
+            train(Config(**base, run_dir=str(run)))
+    finally:
+        fileio.BEFORE_REPLACE_HOOKS.remove(full)
     message = str(err.value)
     assert "epoch 2" in message and str(run / "checkpoints" / "last.pt") in message
     assert "No space left on device" in message and "(epoch 1) is intact" in message
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]  # temp removed
-    monkeypatch.undo()
-    train(cfg)  # space freed: the same command resumes and matches the uninterrupted run
-    assert_same_run(reference, run)
-
-
-def test_disk_full_while_appending_metrics_names_the_file(base, tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    monkeypatch.setattr(train_module, "open", failing_open("metrics.csv", fail_on=1), raising=False)
-    with pytest.raises(TrainingError, match=r"could not append metrics to .*metrics\.csv: No space left"):
-        train(Config(**base, run_dir=str(run)))
-    assert not (run / "checkpoints" / "last.pt").exists()  # nothing claims an epoch that was not logged

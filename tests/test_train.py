@@ -134,11 +134,16 @@ def test_changed_settings_are_refused(base, reference, tmp_path):
         train(Config(**{**base, "lr": 1e-2}, run_dir=str(run)))
     with pytest.raises(TrainingError, match="already holds 2 epochs"):
         train(Config(**{**base, "epochs": 1}, run_dir=str(run)))
-    config = json.loads((run / "config.json").read_text())
-    config["manifest_digest"] = "0" * 64  # as if the audio had changed since the run
-    (run / "config.json").write_text(json.dumps(config))
+    # config.json is only the record: deleting or editing it cannot make a resume forget the settings
+    # that shaped the weights, which the checkpoint carries
+    (run / "config.json").unlink()
+    with pytest.raises(TrainingError, match=r"lr: 0\.0001 -> 0\.01"):
+        train(Config(**{**base, "lr": 1e-2}, run_dir=str(run)))
+    corpus = tmp_path / "corpus"
+    shutil.copytree(Path(base["manifest"]).parent, corpus)
     with pytest.raises(TrainingError, match="corpus .* changed"):
-        train(Config(**base, run_dir=str(run)))
+        train(Config(**{**base, "epochs": 3, "manifest": str(corpus / "manifest.csv")}, run_dir=str(run)))
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2  # nothing was trained
 
 
 class Payload:

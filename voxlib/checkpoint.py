@@ -9,53 +9,17 @@ file that would run Python code while unpickling is refused.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from voxlib.fileio import WriteError, fsync_dir, write_atomic  # noqa: F401 (re-exported)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint or run file that cannot be written or safely read; the message names the file."""
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | Path, data: bytes, before_replace: Callable[[Path], None] | None = None) -> None:
-    """Write ``data`` to ``path`` through a temp file + fsync + rename; on failure the old file stays.
-
-    ``before_replace(temp_path)`` runs after the temp file is on disk and before the rename; the
-    resilience tests use it to pause there and kill the process.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if before_replace is not None:
-            before_replace(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        reason = os.strerror(err.errno) if err.errno else str(err)
-        raise CheckpointError(f"could not write {path}: {reason} ({err})") from err
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path,
@@ -63,7 +27,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path,
     """Serialise ``state`` (tensors, numbers, strings, lists, dicts) and write it atomically."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    write_atomic(path, buffer.getvalue(), before_replace)
+    try:
+        write_atomic(path, buffer.getvalue(), before_replace)
+    except WriteError as err:
+        raise CheckpointError(str(err)) from err
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -48,6 +48,26 @@ def project_root() -> Path:
     return here if (here / "pyproject.toml").exists() else Path.cwd()
 
 
+def git_commit() -> str | None:
+    """The commit of the checkout voxlib itself runs from, or None (an installed package, no git).
+
+    Asked in voxlib's own folder, and only when that folder is inside the repository git finds, so
+    an unrelated repository around the working directory is never recorded as vox's commit.
+    """
+    import subprocess
+
+    package = Path(__file__).resolve().parent
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = top.stdout.split()
+    if top.returncode != 0 or len(lines) != 2 or not package.is_relative_to(Path(lines[0]).resolve()):
+        return None
+    return lines[1]
+
+
 def outputs_dir() -> Path:
     """Where run artefacts go: ``$VOX_OUTPUTS`` or ``<project>/outputs``."""
     return Path(os.environ.get("VOX_OUTPUTS") or project_root() / "outputs")
@@ -81,8 +101,8 @@ class Config:
 
     # --- built-in demo corpus (espeak-ng accents) ----------------------------------------------
     demo_speakers_per_accent: int = knob(6, "speakers per accent (half female, half male)", "demo corpus", LEARNING,
-                                         low=2, high=100)
-    demo_utterances: int = knob(40, "utterances per speaker", "demo corpus", LEARNING, low=2, high=1000)
+                                         low=1, high=100)
+    demo_utterances: int = knob(40, "utterances per speaker", "demo corpus", LEARNING, low=1, high=1000)
     demo_accents: str = knob("", "comma list of accents (us, gb-rp, scotland, ... or espeak voices); \"\" = all eight",
                              "demo corpus", LEARNING)
     demo_voice_spread: float = knob(1.0, "1 = full pitch/formant ranges; smaller = more alike voices",

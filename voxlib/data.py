@@ -11,17 +11,20 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from voxlib.runfolder import HELD_OUT_SPLITS, SPLITS
+
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "seen_val", "seen_test", "unseen_val", "unseen_test")
-HELD_OUT = SPLITS[1:]
+HELD_OUT = HELD_OUT_SPLITS
 
 
 def _rng(seed: int, *keys: str | int) -> np.random.Generator:
@@ -185,18 +188,44 @@ def fit_crop(spec: np.ndarray, start: int, n_frames: int) -> np.ndarray:
     return window
 
 
+def eval_crops_of(spec: np.ndarray, n_frames: int, count: int) -> np.ndarray:
+    """``count`` evenly spaced crops of a ``(bins, frames)`` spectrogram, ``(count, 1, bins, n_frames)``."""
+    starts = crop_starts(spec.shape[1], n_frames, count)
+    return np.stack([fit_crop(spec, s, n_frames)[None] for s in starts])
+
+
+def spec_augment(crop: np.ndarray, rng: np.random.Generator, freq_masks: int, freq_width: int,
+                 time_masks: int, time_width: int) -> np.ndarray:
+    """SpecAugment-style masks (Park et al. 2019) on a ``(bins, frames)`` crop, set to 0 (silence).
+
+    Each mask's width is drawn uniformly from 0..width and its position uniformly within the crop.
+    """
+    crop = crop.copy()
+    bins, frames = crop.shape
+    for size, count, width, axis in ((bins, freq_masks, freq_width, 0), (frames, time_masks, time_width, 1)):
+        for _ in range(count):
+            w = int(rng.integers(0, min(width, size) + 1))
+            start = int(rng.integers(0, size - w + 1))
+            if axis == 0:
+                crop[start:start + w, :] = 0
+            else:
+                crop[:, start:start + w] = 0
+    return crop
+
+
 class CropDataset(Dataset):
     """Items ``(x, {head: target}, row)`` for the given manifest rows.
 
     ``targets`` are full-length arrays indexed by manifest row (from :func:`encode_targets`).
-    Training: one random ``n_frames`` crop, x of shape (1, 256, n_frames), the start drawn from
-    (seed, epoch, row) so a resumed run sees exactly the crops an uninterrupted one would; call
-    :meth:`set_epoch` each epoch. Evaluation: ``eval_crops`` fixed evenly spaced crops stacked to
-    (eval_crops, 1, 256, n_frames); the caller averages their predictions.
+    Training: one random ``n_frames`` crop, x of shape (1, 256, n_frames), the start (and any
+    SpecAugment masks) drawn from (seed, epoch, row) so a resumed run sees exactly the crops an
+    uninterrupted one would; call :meth:`set_epoch` each epoch. Evaluation: ``eval_crops`` fixed evenly
+    spaced crops stacked to (eval_crops, 1, 256, n_frames); the caller averages their predictions.
+    ``masks`` = (freq_masks, freq_mask_width, time_masks, time_mask_width), training only.
     """
 
     def __init__(self, cache, rows: Sequence[int], targets: dict[str, np.ndarray], n_frames: int = 256,
-                 train: bool = True, eval_crops: int = 3, seed: int = 0):
+                 train: bool = True, eval_crops: int = 3, seed: int = 0, masks: tuple[int, int, int, int] = (0, 0, 0, 0)):
         self.cache = cache
         self.rows = np.asarray(rows, dtype=np.int64)
         self.targets = targets
@@ -204,6 +233,7 @@ class CropDataset(Dataset):
         self.train = train
         self.eval_crops = eval_crops
         self.seed = seed
+        self.masks = masks
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -218,10 +248,12 @@ class CropDataset(Dataset):
         if self.train:
             span = max(spec.shape[1] - self.n_frames, 0)
             start = int(_rng(self.seed, "crop", self.epoch, row).integers(0, span + 1))
-            x = fit_crop(spec, start, self.n_frames)[None]
+            crop = fit_crop(spec, start, self.n_frames)
+            if self.masks[0] or self.masks[2]:
+                crop = spec_augment(crop, _rng(self.seed, "mask", self.epoch, row), *self.masks)
+            x = crop[None]
         else:
-            starts = crop_starts(spec.shape[1], self.n_frames, self.eval_crops)
-            x = np.stack([fit_crop(spec, s, self.n_frames)[None] for s in starts])
+            x = eval_crops_of(spec, self.n_frames, self.eval_crops)
         y = {head: torch.tensor(t[row], dtype=torch.int64) for head, t in self.targets.items()}
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), y, row
 
@@ -252,3 +284,85 @@ class BalancedSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         draw = torch.multinomial(self.weights, self.total, replacement=True, generator=g).tolist()
         return iter(draw[self.rank : self.total : self.num_replicas])
+
+
+# --- the run's data as one value -------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunData:
+    """What a run knows about its corpus: rows, features, splits, classes and targets.
+
+    Built once by :func:`load_run_data`, the same way for training, the benchmark and exploration,
+    so none of them can disagree about which rows are trained on or what class index a label has.
+    """
+
+    manifest: Any  # corpora.manifest.Manifest
+    cache: Any  # features.FeatureCache
+    splits: pd.Series  # split name per table row
+    vocab: dict[str, list[str]]  # class names per head, in logit order
+    targets: dict[str, np.ndarray]  # class index per table row and head (-1 = no target)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.manifest.table
+
+    @property
+    def heads(self) -> list[str]:
+        return list(self.vocab)
+
+    @property
+    def head_sizes(self) -> dict[str, int]:
+        return {h: len(c) for h, c in self.vocab.items()}
+
+    @cached_property
+    def row_ids(self) -> np.ndarray:
+        """The manifest's 1-based data-row number of every table row (the id in every output file)."""
+        table = self.table
+        return table["row"].to_numpy() if "row" in table.columns else table.index.to_numpy() + 1
+
+    def rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero((self.splits == split).to_numpy())
+
+    def split_table(self) -> pd.DataFrame:
+        """splits.csv: row id, path, label columns, segment bounds and the split of every utterance."""
+        table = self.table
+        labels = [c for c in self.manifest.label_columns if c in table.columns]
+        frame = table[["path"] + labels + [c for c in ("start", "end") if c in table.columns]].copy()
+        frame.insert(0, "row", self.row_ids)
+        frame["split"] = self.splits.to_numpy()
+        return frame
+
+
+def load_run_data(cfg, *, in_turn: Callable[[Callable[[], Any]], Any] | None = None, progress: bool = True,
+                  workers: int | None = None) -> RunData:
+    """Read and validate the corpus, open (or build) its feature cache, split it, encode the labels.
+
+    ``in_turn(fn)`` runs ``fn`` on the main process first and on the others afterwards (DDP: rank 0
+    validates and builds, the others then reuse its results); by default ``fn`` just runs.
+    """
+    from voxlib.corpora.manifest import read_manifest
+    from voxlib.corpora.source import manifest_path
+    from voxlib.features import FeatureCache
+
+    run = in_turn or (lambda fn: fn())
+    path = run(lambda: manifest_path(cfg))
+    manifest = run(lambda: read_manifest(
+        path, on_bad_file=cfg.on_bad_file, allow_outside_paths=cfg.allow_outside_paths,
+        sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, progress=progress, cache_dir=cfg.cache_dir or None))
+    if progress:
+        for note in manifest.notices:
+            log.info("%s", note)
+    cache = run(lambda: FeatureCache.build_or_open(manifest, cfg, progress=progress, workers=workers))
+    table = manifest.table
+    splits = make_splits(table, cfg)
+    vocab = build_vocabularies(table, splits, cfg.head_names() or list(manifest.label_columns))
+    targets, _ = encode_targets(table, vocab)
+    data = RunData(manifest, cache, splits, vocab, targets)
+    if progress:
+        for split in HELD_OUT_SPLITS:
+            rows = data.rows(split)
+            for h in data.heads:
+                n = int((targets[h][rows] < 0).sum())
+                if n and not (h == "speaker" and split.startswith("unseen")):
+                    log.warning("%s: %d of %d rows have a %s class unseen in training; not scored on that head",
+                                split, n, len(rows), h)
+    return data

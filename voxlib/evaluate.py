@@ -8,181 +8,27 @@ being scored (choosing it on the scored split itself would flatter the baseline)
 """
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import dataclass
-from functools import cached_property
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-HELD_OUT_SPLITS = ("seen_val", "seen_test", "unseen_val", "unseen_test")
-SEEN_SPLITS = ("seen_val", "seen_test")  # held-out utterances of training speakers
-UNSEEN_SPLITS = ("unseen_val", "unseen_test")  # speakers never trained on
-CURVE_SPLITS = ("train", "seen_val", "unseen_val")
-REQUIRED_FILES = ("config.json", "labels.json", "splits.csv", "metrics.csv", "predictions.csv")
-TOP_K_STORED = 5  # predictions.csv keeps the five best classes per head
+from voxlib.runfolder import (  # noqa: F401 (the run-folder names are re-exported for analysis code)
+    CURVE_SPLITS,
+    HELD_OUT_SPLITS,
+    SEEN_SPLITS,
+    TOP_K_STORED,
+    TOP_K_SEPARATOR,
+    UNSEEN_SPLITS,
+    Embeddings,
+    Run,
+    RunError,
+    load_run,
+)
 
 Splits = str | Sequence[str]
-
-
-class RunError(ValueError):
-    """A run folder with a missing file or content that breaks the run-folder contract."""
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    """Trunk features of some utterances: ``features[i]`` belongs to splits.csv row ``row[i]``."""
-
-    features: np.ndarray  # (N, D) float32
-    row: np.ndarray  # (N,) int
-    split: np.ndarray  # (N,) str
-
-
-@dataclass
-class Run:
-    """The parsed content of one run folder; embeddings are read on first use (they can be large)."""
-
-    path: Path
-    config: dict
-    labels: dict[str, list[str]]
-    splits: pd.DataFrame
-    metrics: pd.DataFrame
-    predictions: pd.DataFrame
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def heads(self) -> list[str]:
-        return list(self.labels)
-
-    @property
-    def has_embeddings(self) -> bool:
-        return (self.path / "embeddings.npz").exists()
-
-    @cached_property
-    def embeddings(self) -> Embeddings:
-        return _read_embeddings(self.path / "embeddings.npz", self.splits)
-
-    @cached_property
-    def train(self) -> pd.DataFrame:
-        """The training rows of splits.csv: the only rows a baseline may learn from."""
-        return self.splits[self.splits["split"] == "train"]
-
-
-# --- loading ---------------------------------------------------------------------------------------
-def load_run(run_dir: str | Path) -> Run:
-    """Read and check a run folder; a problem names the file (and row) at fault."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise RunError(f"{path}: run folder not found")
-    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
-    if missing:
-        raise RunError(f"{path}: missing {', '.join(missing)} (a finished run folder has {', '.join(REQUIRED_FILES)})")
-    config = _read_json(path / "config.json")
-    labels = _read_json(path / "labels.json")
-    if not isinstance(labels, dict) or not all(
-        isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v) for v in labels.values()
-    ):
-        raise RunError(f"{path / 'labels.json'}: expected {{head: [at least two class names]}}")
-    splits = _read_csv(path / "splits.csv", ["row", "speaker", "split"] + [h for h in labels if h != "speaker"])
-    splits["row"] = _as_numbers(splits, "row", path / "splits.csv", int)
-    if splits["row"].duplicated().any():
-        dup = splits.loc[splits["row"].duplicated(), "row"].tolist()[:5]
-        raise RunError(f"{path / 'splits.csv'}: duplicate row ids {dup}")
-    metrics = _read_csv(path / "metrics.csv", ["epoch", "split", "head", "metric", "value"])
-    metrics["epoch"] = _as_numbers(metrics, "epoch", path / "metrics.csv", int)
-    metrics["value"] = _as_numbers(metrics, "value", path / "metrics.csv", float)
-    predictions = _read_predictions(path / "predictions.csv", labels)
-    unknown = sorted(set(predictions["row"]) - set(splits["row"]))
-    if unknown:
-        raise RunError(f"{path / 'predictions.csv'}: rows {unknown[:5]} are not in splits.csv")
-    return Run(path, config, labels, splits, metrics, predictions)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunError(f"{path}: not valid JSON ({err})") from err
-
-
-def _read_csv(path: Path, required: Iterable[str]) -> pd.DataFrame:
-    # Everything as text, and no "NA"/"None" guessing: a birthplace may well be called "NA".
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise RunError(f"{path}: unreadable CSV ({err})") from err
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise RunError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
-    return frame
-
-
-def _as_numbers(frame: pd.DataFrame, column: str, path: Path, kind: type) -> pd.Series:
-    values = pd.to_numeric(frame[column], errors="coerce").astype(float)
-    bad = ~np.isfinite(values)
-    if kind is int:
-        bad = bad | (values.fillna(0) % 1 != 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise RunError(f"{path}: line {i + 2}: {column} {frame[column].iloc[i]!r} is not a {kind.__name__}")
-    return values.astype(kind)
-
-
-def _read_predictions(path: Path, labels: dict[str, list[str]]) -> pd.DataFrame:
-    columns = ["row", "speaker", "split"]
-    for head in labels:
-        columns += [f"{head}_true", f"{head}_pred", f"{head}_prob", f"{head}_top5"]
-    frame = _read_csv(path, columns)
-    frame["row"] = _as_numbers(frame, "row", path, int)
-    bad_split = ~frame["split"].isin(HELD_OUT_SPLITS)
-    if bad_split.any():
-        i = int(np.flatnonzero(bad_split.to_numpy())[0])
-        raise RunError(f"{path}: line {i + 2}: split {frame['split'].iloc[i]!r} is not one of {HELD_OUT_SPLITS}")
-    for head, classes in labels.items():
-        frame[f"{head}_prob"] = _as_numbers(frame, f"{head}_prob", path, float)
-        bad = ~frame[f"{head}_pred"].isin(classes)
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise RunError(
-                f"{path}: line {i + 2}: {head}_pred {frame[f'{head}_pred'].iloc[i]!r} is not a class of "
-                f"head {head!r} in labels.json"
-            )
-    return frame
-
-
-def _read_embeddings(path: Path, splits: pd.DataFrame) -> Embeddings:
-    if not path.is_file():
-        raise RunError(f"{path}: missing (trunk features are needed for projections and probes)")
-    with np.load(path, allow_pickle=False) as data:
-        missing = [k for k in ("features", "row", "split") if k not in data.files]
-        if missing:
-            raise RunError(f"{path}: missing array(s) {missing}")
-        features = data["features"].astype(np.float32)
-        row = data["row"].astype(np.int64)
-        split = data["split"].astype(str)
-    if features.ndim != 2 or not (len(features) == len(row) == len(split)):
-        raise RunError(f"{path}: expected features (N, D), row (N,), split (N,); got "
-                       f"{features.shape}, {row.shape}, {split.shape}")
-    unknown = sorted(set(row.tolist()) - set(splits["row"]))
-    if unknown:
-        raise RunError(f"{path}: rows {unknown[:5]} are not in splits.csv")
-    expected = splits.set_index("row")["split"].reindex(row).to_numpy()
-    disagree = np.flatnonzero(expected != split)
-    if disagree.size:
-        k = int(disagree[0])
-        raise RunError(f"{path}: row {row[k]} is marked {str(split[k])!r} but splits.csv puts it in "
-                       f"{str(expected[k])!r}")
-    if not np.isfinite(features).all():
-        bad = row[~np.isfinite(features).all(axis=1)][:5].tolist()
-        raise RunError(f"{path}: non-finite features for rows {bad}")
-    return Embeddings(features, row, split)
 
 
 # --- selections ------------------------------------------------------------------------------------
@@ -245,7 +91,7 @@ def top_k_accuracy(rows: pd.DataFrame, head: str, k: int) -> float:
         raise ValueError(f"k must be in 1..{TOP_K_STORED} (predictions.csv stores the top {TOP_K_STORED})")
     if rows.empty:
         return float("nan")
-    top = rows[f"{head}_top5"].str.split("|")
+    top = rows[f"{head}_top5"].str.split(TOP_K_SEPARATOR, regex=False)
     hits = [true in names[:k] for true, names in zip(rows[f"{head}_true"], top)]
     return float(np.mean(hits))
 

@@ -92,6 +92,11 @@ class Discriminator(nn.Module):
             {name: Conv2d(in_ch, n, kernel_size=final, stride=1, padding=0) for name, n in head_sizes.items()}
         )
 
+    @classmethod
+    def from_run(cls, run_dir, checkpoint: str = "best") -> "Discriminator":
+        """The trained discriminator of a run folder, e.g. to initialise a StarGAN discriminator."""
+        return load_discriminator(run_dir, checkpoint)[0]
+
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Shared features (B, C, 4, 4): the embeddings and the point where head gradients meet."""
         return self.main(x)
@@ -123,3 +128,34 @@ def count_flops(model: Discriminator, batch: int = 1, training: bool = False) ->
         macs += out * out * head.out_channels * head.in_channels * head.kernel_size[0] * head.kernel_size[1]
     flops = 2 * macs * batch
     return 3 * flops if training else flops
+
+
+def load_discriminator(run_dir, checkpoint: str = "best") -> tuple[Discriminator, dict]:
+    """The trained discriminator of a run folder (eval mode, CPU) and its checkpoint's record.
+
+    Needs only the folder: labels.json gives the heads and their class order, the checkpoint the
+    width and the weights. ``checkpoint`` is "best", "last" or a path to a .pt file. The record
+    holds ``epoch``, ``precision`` and the ``settings`` that produced the weights.
+    """
+    from pathlib import Path
+
+    from voxlib import runfolder
+    from voxlib.checkpoint import CheckpointError, load_checkpoint
+
+    run_dir = Path(run_dir)
+    path = Path(checkpoint) if checkpoint not in ("best", "last") else \
+        run_dir / runfolder.CHECKPOINTS / (runfolder.BEST if checkpoint == "best" else runfolder.LAST)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found (is {run_dir} a finished vox run?)")
+    labels = runfolder.read_labels(run_dir)
+    state = load_checkpoint(path)
+    sizes = {h: len(c) for h, c in labels.items()}
+    if state.get("head_sizes") != sizes:
+        raise CheckpointError(f"{path} has heads {state.get('head_sizes')}, {run_dir / runfolder.LABELS} {sizes}")
+    net = Discriminator(sizes, float(state["width"]))
+    net.load_state_dict(state["model"])
+    net.eval()
+    record = {k: state.get(k) for k in ("epoch", "precision", "settings", "width", "voxlib_version")}
+    record["path"] = str(path)
+    return net, record
+

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 
 from voxlib.config import Config, ConfigError, project_root
 from voxlib.notebook import PATH_FIELDS
+from voxlib import runfolder
 from voxlib.runfolder import default_run_dir
 
 NOTEBOOKS = ("01_explore", "02_train", "03_birthplace")
@@ -227,6 +228,7 @@ def run_report(manifest: str = "", run_dir: str = "", params: dict[str, Any] | N
     values = notebook_parameters(manifest, run_dir, params)
     run = Path(values["run_dir"])
     notebooks_dir = Path(notebooks_dir or project_root() / "notebooks")
+    runfolder.claim(run)  # the executed notebooks and reports live in the run folder: vox's own
     for name in NOTEBOOKS:
         (run / "notebooks" / f"{name}.ipynb").unlink(missing_ok=True)
         (run / "reports" / f"{name}.html").unlink(missing_ok=True)

@@ -1,12 +1,341 @@
-"""The run-folder contract: file names, columns, how each file is written and read (no torch)."""
+"""The run-folder contract: what a vox run folder holds, how each file is written and read.
+
+This module alone knows the file names, their columns, the split names and how many classes a
+prediction keeps; training writes through it, and evaluation, analysis, predict and the notebooks
+read through it. It needs no torch, so a run can be judged on a machine without the training stack.
+
+Ownership and one writer. vox writes only into a folder it owns: an empty (or new) folder, which it
+then marks with ``.vox-run``, or a folder that already carries that mark. Anything else is refused,
+so pointing ``--run-dir`` at a folder of your own never touches your files. While a process writes a
+folder it holds ``.vox-run.lock`` (an OS lock that dies with its holder); a second writer is refused
+at once with the holder's PID, host and start time.
+
+Every file is replaced atomically (temp file, fsync, rename), and CSV text fields are always quoted,
+so labels and paths with commas, quotes, newlines or carriage returns read back unchanged.
+"""
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
+import json
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
 
 from voxlib.config import Config, outputs_dir
 from voxlib.corpora.source import corpus_name
+from voxlib.fileio import write_atomic
+from voxlib.lock import exclusive_lock
+
+# --- names --------------------------------------------------------------------------------------------
+CONFIG = "config.json"
+LABELS = "labels.json"
+SPLITS_FILE = "splits.csv"
+METRICS = "metrics.csv"
+PREDICTIONS = "predictions.csv"
+EMBEDDINGS = "embeddings.npz"
+SUMMARY = "summary.json"  # written last: its presence means the run (or evaluation) is complete
+REJECTED = "rejected_clips.csv"  # clips left out by on_bad_file=skip (an adapter's rejected.csv is its own)
+SCORES = "scores.csv"  # evaluation folders: one row per head and split
+UNKNOWN_LABELS = "unknown_labels.csv"  # evaluation folders: labels the run never trained on, per head
+CHECKPOINTS = "checkpoints"
+LAST, BEST = "last.pt", "best.pt"
+TENSORBOARD = "tb"
+EVALS = "evals"
+MARKER = ".vox-run"
+LOCK = ".vox-run.lock"
+REQUIRED_FILES = (CONFIG, LABELS, SPLITS_FILE, METRICS, PREDICTIONS)
+
+SPLITS = ("train", "seen_val", "seen_test", "unseen_val", "unseen_test")
+HELD_OUT_SPLITS = SPLITS[1:]
+SEEN_SPLITS = ("seen_val", "seen_test")  # held-out utterances of training speakers
+UNSEEN_SPLITS = ("unseen_val", "unseen_test")  # speakers never trained on
+CURVE_SPLITS = ("train", "seen_val", "unseen_val")
+TOP_K_STORED = 5  # predictions keep the five best classes per head
+TOP_K_SEPARATOR = "|"
+METRIC_COLUMNS = ("epoch", "split", "head", "metric", "value")
+
+
+class RunError(ValueError):
+    """A run folder with a missing file or content that breaks the run-folder contract."""
+
+
+class FolderError(RuntimeError):
+    """A folder vox may not write: not empty and not marked as vox's own."""
 
 
 def default_run_dir(cfg: Config) -> Path:
     """The run folder used when ``run_dir`` is "": ``outputs/runs/<corpus name>``."""
     return outputs_dir() / "runs" / corpus_name(cfg)
+
+
+def prediction_columns(head: str) -> list[str]:
+    return [f"{head}_true", f"{head}_pred", f"{head}_prob", f"{head}_top5"]
+
+
+# --- writing ------------------------------------------------------------------------------------------
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    """CSV with every text field quoted (newlines, carriage returns, commas and quotes survive)."""
+    return frame.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n").encode("utf-8")
+
+
+def json_bytes(value) -> bytes:
+    return json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def claim(path: Path, what: str = "run folder") -> Path:
+    """Make ``path`` vox's own: create it or adopt it when empty; accept it when already marked.
+
+    Refuses a folder that holds anything without the mark (the user's files are never touched).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FolderError(f"{what} {path} is a file, not a folder")
+    if (path / MARKER).is_file():
+        return path
+    if path.is_dir():
+        # a marker another process is writing this instant does not make the folder foreign
+        found = sorted(p.name for p in path.iterdir() if not p.name.startswith(MARKER))
+        if found:
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            raise FolderError(f"{what} {path} is not empty and was not made by vox (it holds {shown}); "
+                              f"vox writes only into an empty folder or one it made: choose another folder")
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomic(path / MARKER, b"This folder is written by vox; see ARCHITECTURE.md, 'Run folder'.\n")
+    return path
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str = "run folder") -> Iterator[Path]:
+    """Claim ``path`` and hold its writer lock for the block (one writer per folder)."""
+    claim(path, what)
+    with exclusive_lock(Path(path) / LOCK, f"{what} {path}"):
+        yield Path(path)
+
+
+def write_json(folder: Path, name: str, value) -> None:
+    write_atomic(folder / name, json_bytes(value))
+
+
+def write_csv(folder: Path, name: str, frame: pd.DataFrame) -> None:
+    write_atomic(folder / name, csv_bytes(frame))
+
+
+def write_metrics(folder: Path, rows: Iterable[tuple], keep_until: int | None = None) -> None:
+    """Rewrite metrics.csv atomically: the stored rows up to epoch ``keep_until`` plus ``rows``.
+
+    A whole-file rewrite (not an append) means a crash or a full disk leaves the previous epoch's
+    file complete, never a half-written line.
+    """
+    old = read_metric_rows(folder / METRICS)
+    if keep_until is not None:
+        old = [r for r in old if int(r[0]) <= keep_until]
+    buffer = io.StringIO()
+    out = csv.writer(buffer, lineterminator="\n")
+    out.writerow(METRIC_COLUMNS)
+    # repr of a Python float round-trips exactly, so a resumed run compares equal to an uninterrupted one
+    out.writerows((int(e), s, h, m, repr(float(v))) for e, s, h, m, v in [*old, *rows])
+    write_atomic(folder / METRICS, buffer.getvalue().encode())
+
+
+def read_metric_rows(path: Path) -> list[tuple]:
+    if not path.is_file():
+        return []
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return [(int(e), s, h, m, float(v)) for e, s, h, m, v in frame[list(METRIC_COLUMNS)].itertuples(index=False)]
+
+
+def write_embeddings(folder: Path, features: np.ndarray, row: np.ndarray, split: Sequence[str]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, features=np.asarray(features, dtype=np.float16), row=np.asarray(row, dtype=np.int64),
+             split=np.asarray(split, dtype=str))
+    write_atomic(folder / EMBEDDINGS, buffer.getvalue())
+
+
+def prediction_frame(ids: dict[str, np.ndarray], vocab: dict[str, list[str]], probs: dict[str, np.ndarray],
+                     targets: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """The predictions table: ``ids`` columns first (row, path, speaker, split, ...), then per head
+    ``{head}_true`` (class name, "" where there is no target), ``_pred``, ``_prob`` and ``_top5``.
+
+    ``probs[head]`` is (N, classes) crop-averaged probabilities in ``vocab[head]`` order; ``targets``
+    class indices (-1 = none) or None (new audio: no truth).
+    """
+    frame = pd.DataFrame(ids)
+    n = len(frame)
+    for head, classes in vocab.items():
+        names = np.array(classes, dtype=object)
+        p = np.asarray(probs[head])
+        top = np.argsort(-p, axis=1, kind="stable")[:, :TOP_K_STORED]
+        t = targets[head] if targets is not None else np.full(n, -1)
+        frame[f"{head}_true"] = np.where(t >= 0, names[np.clip(t, 0, None)], "")
+        frame[f"{head}_pred"] = names[top[:, 0]]
+        frame[f"{head}_prob"] = p[np.arange(n), top[:, 0]]
+        frame[f"{head}_top5"] = [TOP_K_SEPARATOR.join(names[r]) for r in top]
+    return frame
+
+
+# --- reading ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Embeddings:
+    """Trunk features of some utterances: ``features[i]`` belongs to splits.csv row ``row[i]``."""
+
+    features: np.ndarray  # (N, D) float32
+    row: np.ndarray  # (N,) int
+    split: np.ndarray  # (N,) str
+
+
+@dataclass
+class Run:
+    """The parsed content of one run folder; embeddings are read on first use (they can be large)."""
+
+    path: Path
+    config: dict
+    labels: dict[str, list[str]]
+    splits: pd.DataFrame
+    metrics: pd.DataFrame
+    predictions: pd.DataFrame
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def heads(self) -> list[str]:
+        return list(self.labels)
+
+    @property
+    def has_embeddings(self) -> bool:
+        return (self.path / EMBEDDINGS).exists()
+
+    @cached_property
+    def embeddings(self) -> Embeddings:
+        return _read_embeddings(self.path / EMBEDDINGS, self.splits)
+
+    @cached_property
+    def train(self) -> pd.DataFrame:
+        """The training rows of splits.csv: the only rows a baseline may learn from."""
+        return self.splits[self.splits["split"] == "train"]
+
+    @cached_property
+    def summary(self) -> dict:
+        path = self.path / SUMMARY
+        return read_json(path) if path.is_file() else {}
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read and check a run folder; a problem names the file (and row) at fault."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunError(f"{path}: run folder not found")
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise RunError(f"{path}: missing {', '.join(missing)} (a finished run folder has {', '.join(REQUIRED_FILES)})")
+    config = read_json(path / CONFIG)
+    labels = read_labels(path)
+    splits = read_csv(path / SPLITS_FILE, ["row", "speaker", "split"] + [h for h in labels if h != "speaker"])
+    splits["row"] = _as_numbers(splits, "row", path / SPLITS_FILE, int)
+    if splits["row"].duplicated().any():
+        dup = splits.loc[splits["row"].duplicated(), "row"].tolist()[:5]
+        raise RunError(f"{path / SPLITS_FILE}: duplicate row ids {dup}")
+    metrics = read_csv(path / METRICS, list(METRIC_COLUMNS))
+    metrics["epoch"] = _as_numbers(metrics, "epoch", path / METRICS, int)
+    metrics["value"] = _as_numbers(metrics, "value", path / METRICS, float)
+    predictions = read_predictions(path / PREDICTIONS, labels)
+    unknown = sorted(set(predictions["row"]) - set(splits["row"]))
+    if unknown:
+        raise RunError(f"{path / PREDICTIONS}: rows {unknown[:5]} are not in {SPLITS_FILE}")
+    return Run(path, config, labels, splits, metrics, predictions)
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise RunError(f"{path}: cannot read ({err.strerror or err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{path}: not valid JSON ({err})") from err
+
+
+def read_labels(folder: Path) -> dict[str, list[str]]:
+    labels = read_json(Path(folder) / LABELS)
+    if not isinstance(labels, dict) or not labels or not all(
+        isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v) for v in labels.values()
+    ):
+        raise RunError(f"{Path(folder) / LABELS}: expected {{head: [at least two class names]}}")
+    return labels
+
+
+def read_csv(path: Path, required: Iterable[str]) -> pd.DataFrame:
+    # Everything as text, and no "NA"/"None" guessing: a birthplace may well be called "NA".
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise RunError(f"{path}: unreadable CSV ({err})") from err
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise RunError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
+    return frame
+
+
+def _as_numbers(frame: pd.DataFrame, column: str, path: Path, kind: type) -> pd.Series:
+    values = pd.to_numeric(frame[column], errors="coerce").astype(float)
+    bad = ~np.isfinite(values)
+    if kind is int:
+        bad = bad | (values.fillna(0) % 1 != 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise RunError(f"{path}: line {i + 2}: {column} {frame[column].iloc[i]!r} is not a {kind.__name__}")
+    return values.astype(kind)
+
+
+def read_predictions(path: Path, labels: dict[str, list[str]]) -> pd.DataFrame:
+    columns = ["row", "speaker", "split"] + [c for head in labels for c in prediction_columns(head)]
+    frame = read_csv(path, columns)
+    frame["row"] = _as_numbers(frame, "row", path, int)
+    bad_split = ~frame["split"].isin(HELD_OUT_SPLITS)
+    if bad_split.any():
+        i = int(np.flatnonzero(bad_split.to_numpy())[0])
+        raise RunError(f"{path}: line {i + 2}: split {frame['split'].iloc[i]!r} is not one of {HELD_OUT_SPLITS}")
+    for head, classes in labels.items():
+        frame[f"{head}_prob"] = _as_numbers(frame, f"{head}_prob", path, float)
+        bad = ~frame[f"{head}_pred"].isin(classes)
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise RunError(
+                f"{path}: line {i + 2}: {head}_pred {frame[f'{head}_pred'].iloc[i]!r} is not a class of "
+                f"head {head!r} in {LABELS}"
+            )
+    return frame
+
+
+def _read_embeddings(path: Path, splits: pd.DataFrame) -> Embeddings:
+    if not path.is_file():
+        raise RunError(f"{path}: missing (trunk features are needed for projections and probes)")
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in ("features", "row", "split") if k not in data.files]
+        if missing:
+            raise RunError(f"{path}: missing array(s) {missing}")
+        features = data["features"].astype(np.float32)
+        row = data["row"].astype(np.int64)
+        split = data["split"].astype(str)
+    if features.ndim != 2 or not (len(features) == len(row) == len(split)):
+        raise RunError(f"{path}: expected features (N, D), row (N,), split (N,); got "
+                       f"{features.shape}, {row.shape}, {split.shape}")
+    unknown = sorted(set(row.tolist()) - set(splits["row"]))
+    if unknown:
+        raise RunError(f"{path}: rows {unknown[:5]} are not in {SPLITS_FILE}")
+    expected = splits.set_index("row")["split"].reindex(row).to_numpy()
+    disagree = np.flatnonzero(expected != split)
+    if disagree.size:
+        k = int(disagree[0])
+        raise RunError(f"{path}: row {row[k]} is marked {str(split[k])!r} but {SPLITS_FILE} puts it in "
+                       f"{str(expected[k])!r}")
+    if not np.isfinite(features).all():
+        bad = row[~np.isfinite(features).all(axis=1)][:5].tolist()
+        raise RunError(f"{path}: non-finite features for rows {bad}")
+    return Embeddings(features, row, split)

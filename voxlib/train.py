@@ -19,101 +19,76 @@ Usage::
 
 Re-running the same command on an existing run folder resumes from ``checkpoints/last.pt`` and
 ends with exactly the weights and metrics of an uninterrupted run (bit for bit on CPU); ``--epochs``
-may be raised to train on. A changed corpus or training setting is refused with what changed. Runs
-under DDP use gloo on CPU and nccl on CUDA; only rank 0 writes the run folder, and a checkpoint
-holds the unwrapped model, so a run may resume with a different number of processes
-(``summary.json`` gives the world size of the launch that finished the run).
+may be raised to train on. The checkpoint carries the settings that shaped its weights; a changed
+corpus or training setting is refused with what changed. Runs under DDP use gloo on CPU and nccl on
+CUDA; only rank 0 writes the run folder, and a checkpoint holds the unwrapped model, so a run may
+resume with a different number of processes.
+
+The parts, in the order :func:`train` uses them: :func:`load_run_data` (data.py) builds the corpus,
+cache, splits and targets; :func:`build_parts` the model, optimiser, learning-rate schedule and the
+:class:`TrainStep` (which the benchmark times as is); the loop runs epochs and commits each one to
+the run folder (runfolder.py) in an order that survives a failure at any write.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import logging
-import os
+import math
 import random
-import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
-import pandas as pd
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from voxlib import __version__
-from voxlib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_atomic
-from voxlib.config import Config, ConfigError, project_root, usable_cores
-from voxlib.runfolder import default_run_dir
-from voxlib.data import (HELD_OUT, BalancedSampler, CropDataset, build_vocabularies, encode_targets,
-                         make_splits)
+from voxlib import __version__, runfolder
+from voxlib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from voxlib.config import FEATURES, LEARNING, Config, ConfigError, usable_cores
+from voxlib.data import BalancedSampler, CropDataset, RunData, load_run_data
+from voxlib.distributed import Dist, init_distributed, pick_device, sync_batchnorm  # noqa: F401 (pick_device re-exported)
+from voxlib.fileio import WriteError
 from voxlib.heap import keep_freed_memory
+from voxlib.inference import autocast_for, crop_averaged
 from voxlib.model import Discriminator
 
 log = logging.getLogger(__name__)
 
-# Settings that change what is learned; a resumed run must match them (epochs may grow).
-TRAINING_FIELDS = tuple(Config().values("features")) + tuple(Config().values("learning"))
-RECORD_FIELDS = ("manifest_digest", "cache_key")
 EMBED_TRAIN_MAX = 2000  # train utterances sampled into embeddings.npz
-METRIC_COLUMNS = ["epoch", "split", "head", "metric", "value"]
+RECORD_FIELDS = ("manifest_digest", "cache_key")
+
+# Test-only fault points: tests append callables here; production code never reads the environment
+# for them. Each is called with (point, detail): point "step" (detail: global step index) before every
+# training step, "write" (detail: the run-folder file about to be written) before every write.
+FAULT_HOOKS: list[Callable[[str, Any], None]] = []
+
+
+def _fault_point(point: str, detail: Any) -> None:
+    for hook in FAULT_HOOKS:
+        hook(point, detail)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a run folder that does not match, a failed write)."""
 
 
-# --- processes and devices ---------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over processes (a copy on the CPU; identity in a single process)."""
-        if not self.active:
-            return values
-        out = values.to(self.device).clone()
-        dist.all_reduce(out)
-        return out.cpu()
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' asked for, but torch sees no CUDA device")
-    return torch.device(name)
+# --- process-wide settings ---------------------------------------------------------------------
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """The precision a new run trains in: "bf16" or "fp32" (asked for; bf16 on CUDA; fp32 else)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def uses_bf16(cfg: Config, device: torch.device) -> bool:
-    """bf16 autocast: asked for, or automatic on CUDA (on CPU it is slower than fp32 here)."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return resolve_precision(cfg, device) == "bf16"
 
 
 def uses_channels_last(cfg: Config, device: torch.device) -> bool:
@@ -132,191 +107,6 @@ def loader_settings(cfg: Config, device: torch.device, world: int = 1) -> tuple[
         # among the processes, one kept for the training loop.
         workers = 1 if device.type == "cpu" else min(8, max(1, usable_cores() // world - 1))
     return workers, device.type == "cuda"
-
-
-def init_distributed(cfg: Config) -> Dist:
-    """Join the torchrun process group when launched by torchrun; otherwise a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(cfg.device)
-    if world <= 1:
-        return Dist(device=device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owns_group=owns)
-
-
-class _SumAcrossProcesses(torch.autograd.Function):
-    """all_reduce(SUM) with a gradient: every process's output depends on every process's input."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class CpuSyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm whose training statistics span all processes, for CPU (gloo) runs.
-
-    torch.nn.SyncBatchNorm only runs on accelerators; without syncing, each process would normalise
-    with statistics of its half of the batch and a 2-process run would differ from a 1-process one.
-    Two all-reduces (sum, then centred sum of squares) keep the variance as accurate as BatchNorm's.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        channels = x.shape[1]
-        count_local = torch.tensor([x.numel() / channels], dtype=x.dtype)
-        totals = _SumAcrossProcesses.apply(torch.cat([x.sum((0, 2, 3)), count_local]))
-        count = totals[-1].detach()
-        mean = totals[:channels] / count
-        centred = x - mean.view(1, -1, 1, 1)
-        var = _SumAcrossProcesses.apply((centred * centred).sum((0, 2, 3))) / count
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            m = self.momentum
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1), alpha=m)
-        scale = (self.weight * torch.rsqrt(var + self.eps)).view(1, -1, 1, 1)
-        return centred * scale + self.bias.view(1, -1, 1, 1)
-
-
-def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    if device.type != "cpu":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, child in model.named_children():
-        if type(child) is nn.BatchNorm2d:
-            synced = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum)
-            synced.load_state_dict(child.state_dict())
-            setattr(model, name, synced)
-        else:
-            sync_batchnorm(child, device)
-    return model
-
-
-# --- run folder --------------------------------------------------------------------------------
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def check_resumable(run_dir: Path, record: dict) -> dict | None:
-    """The stored config.json if the run folder may be resumed with ``record``; raise if not."""
-    path = run_dir / "config.json"
-    if not path.exists():
-        return None
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise TrainingError(f"cannot read {path} of the existing run: {err}") from err
-    changed = []
-    for key in TRAINING_FIELDS + RECORD_FIELDS:
-        if key in old and old[key] != record.get(key):
-            what = {"manifest_digest": "the corpus (manifest or audio files) changed",
-                    "cache_key": "the feature settings changed"}.get(key, f"{old[key]!r} -> {record.get(key)!r}")
-            changed.append(f"  {key}: {what}")
-    if changed:
-        raise TrainingError(
-            f"run folder {run_dir} was trained with different settings; refusing to resume:\n"
-            + "\n".join(changed) + "\nUse a new --run-dir, or restore the settings to continue that run."
-        )
-    return old
-
-
-def write_metrics(path: Path, rows: list[tuple], last_good: str) -> None:
-    """Append one epoch's rows and force them to disk; a failure says what to do."""
-    try:
-        new = not path.exists()
-        with open(path, "a", newline="") as fh:
-            writer = csv.writer(fh)
-            if new:
-                writer.writerow(METRIC_COLUMNS)
-            writer.writerows(rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as err:
-        raise TrainingError(
-            f"could not append metrics to {path}: {os.strerror(err.errno) if err.errno else err}. "
-            f"{last_good}; free space and re-run the same command to resume."
-        ) from err
-
-
-def truncate_metrics(path: Path, epoch: int) -> None:
-    """Drop rows after ``epoch`` (written before a crash, but not covered by a checkpoint)."""
-    if not path.exists():
-        return
-    with path.open(newline="") as fh:
-        rows = list(csv.reader(fh))
-    keep = [rows[0]] + [r for r in rows[1:] if len(r) == 5 and r[0].isdigit() and int(r[0]) <= epoch]
-    if len(keep) != len(rows):
-        buffer = io.StringIO()
-        csv.writer(buffer).writerows(keep)
-        write_atomic(path, buffer.getvalue().encode())
-
-
-# --- loss and metrics --------------------------------------------------------------------------
-def class_weights(targets: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights (mean 1 over classes present) for ``class_balance="loss"``."""
-    counts = np.bincount(targets[targets >= 0], minlength=n_classes).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-class HeadLoss:
-    """Per-head cross-entropy sums with a denominator shared by all processes.
-
-    Each process divides its sum by the *global* (weighted) count, times the world size: DDP then
-    averages gradients to exactly the gradient of the global-batch mean, whatever the split.
-    """
-
-    def __init__(self, heads: list[str], weights: dict[str, torch.Tensor | None], smoothing: float, dist_: Dist):
-        self.heads, self.weights, self.smoothing, self.dist = heads, weights, smoothing, dist_
-
-    def denominators(self, y: dict[str, torch.Tensor]) -> torch.Tensor:
-        local = []
-        for h in self.heads:
-            valid = y[h] >= 0
-            w = self.weights[h]
-            local.append(w[y[h][valid].cpu()].sum() if w is not None else valid.sum().float())
-        return self.dist.sum(torch.stack(local).double())
-
-    def __call__(self, logits, y, denominators):
-        sums = {}
-        for i, h in enumerate(self.heads):
-            w = self.weights[h]
-            ce = F.cross_entropy(logits[h].float(), y[h], weight=None if w is None else w.to(logits[h].device),
-                                 ignore_index=-1, reduction="none", label_smoothing=self.smoothing)
-            sums[h] = ce.sum()
-        means = {h: sums[h] * (self.dist.world / max(float(denominators[i]), 1e-12)) for i, h in enumerate(self.heads)}
-        return sums, means
-
-
-# --- the run -----------------------------------------------------------------------------------
-def train(cfg: Config) -> Path:
-    """Train (or resume, or find finished) the run described by ``cfg``; return the run folder."""
-    env = init_distributed(cfg)
-    try:
-        with speed_settings(cfg, env.device):
-            return Trainer(cfg, env).run()
-    finally:
-        if env.owns_group:
-            dist.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -354,476 +144,659 @@ def speed_settings(cfg: Config, device: torch.device):
             keep_freed_memory(False)
 
 
-class Trainer:
-    """One run: data, model, loop, outputs. Split into steps so each reads top to bottom."""
+# --- loss --------------------------------------------------------------------------------------
+def class_weights(targets: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (mean 1 over classes present) for ``class_balance="loss"``."""
+    counts = np.bincount(targets[targets >= 0], minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
 
-    def __init__(self, cfg: Config, env: Dist):
-        self.cfg, self.env, self.device = cfg, env, env.device
-        self.fault = os.environ.get("VOX_FAULT_PAUSE", "")  # resilience tests: "step:N" or "save:EPOCH"
 
-    # --- setup ---------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        from voxlib.corpora.manifest import read_manifest
-        from voxlib.features import FeatureCache
+class HeadLoss:
+    """Per-head cross-entropy sums with a denominator shared by all processes.
 
-        cfg, env = self.cfg, self.env
-        if cfg.manifest:
-            manifest_path = Path(cfg.manifest)
-        else:
-            from voxlib.demo import ensure_demo_corpus
+    Each process divides its sum by the *global* (weighted) count, times the world size: DDP then
+    averages gradients to exactly the gradient of the global-batch mean, whatever the split.
+    """
 
-            if env.main:
-                manifest_path = ensure_demo_corpus(cfg)
-            env.barrier()
-            if not env.main:
-                manifest_path = ensure_demo_corpus(cfg)
-        # rank 0 validates the clips first; the others then reuse its stored validation results
-        for turn in (True, False):
-            if env.main == turn:
-                self.manifest = read_manifest(
-                    manifest_path, on_bad_file=cfg.on_bad_file, allow_outside_paths=cfg.allow_outside_paths,
-                    sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, progress=env.main,
-                    cache_dir=cfg.cache_dir or None)
-            env.barrier()
-        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-        if env.main:
-            for note in getattr(self.manifest, "notices", []):
-                log.info("%s", note)
-            n_rejected = len(getattr(self.manifest, "rejected", ()))
-            if n_rejected:
-                log.warning("%d clip(s) skipped as unusable; listed with reasons in %s", n_rejected,
-                            self.run_dir / "rejected.csv")
-        if env.main:
-            self.cache = FeatureCache.build_or_open(self.manifest, cfg, progress=True)
-        env.barrier()
-        if not env.main:
-            self.cache = FeatureCache.build_or_open(self.manifest, cfg, progress=False)
-        table = self.manifest.table
-        self.table = table
-        self.row_ids = table["row"].to_numpy() if "row" in table.columns else table.index.to_numpy() + 1
-        self.splits = make_splits(table, cfg)
-        heads = cfg.head_names() or list(self.manifest.label_columns)
-        self.vocab = build_vocabularies(table, self.splits, heads)
-        self.heads = list(self.vocab)
-        self.targets, _ = encode_targets(table, self.vocab)
-        for split in HELD_OUT:
-            rows = self.rows(split)
-            for h in self.heads:
-                n = int((self.targets[h][rows] < 0).sum())
-                if n and not (h == "speaker" and split.startswith("unseen")):
-                    log.warning("%s: %d of %d rows have a %s class unseen in training; not scored on that head",
-                                split, n, len(rows), h)
+    def __init__(self, heads: list[str], weights: dict[str, torch.Tensor | None], smoothing: float, dist_: Dist):
+        self.heads, self.weights, self.smoothing, self.dist = heads, weights, smoothing, dist_
 
-    def rows(self, split: str) -> np.ndarray:
-        return np.flatnonzero((self.splits == split).to_numpy())
-
-    def build_model(self) -> None:
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        self.net = Discriminator({h: len(c) for h, c in self.vocab.items()}, cfg.width)
-        if self.env.active:
-            self.net = sync_batchnorm(self.net, self.device)
-        self.net.to(self.device)
-        self.channels_last = uses_channels_last(cfg, self.device)
-        if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        params = self.net.parameters()
-        self.optimizer = (torch.optim.RMSprop(params, lr=cfg.lr) if cfg.optimizer == "rmsprop"
-                          else torch.optim.Adam(params, lr=cfg.lr))
-        if cfg.compile:
-            # The trunk only (the heads are a few small matrix products): a compiled whole model hands
-            # back the trunk output beside the logits, not as their input, so the heads' gradients at
-            # the trunk (grad_norm) could not be taken. The state dict keeps its keys. On CPU this needs
-            # the deterministic algorithms of speed_settings: without them, torch 2.13's compiled
-            # backward of unfold (conv_as_matmul) writes past its buffer and corrupts the heap.
-            self.net.trunk = torch.compile(self.net.trunk)
-        if self.env.active:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # BatchNorm buffers are kept identical by the synced statistics: no per-step broadcast
-            self.model = DDP(self.net, device_ids=ids, forward_sync_buffers=False)
-        else:
-            self.model = self.net
-        if uses_bf16(cfg, self.device):
-            self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
-        else:
-            self.autocast = contextlib.nullcontext
-        if cfg.class_balance and cfg.balanced_head not in self.vocab:
-            raise ConfigError(f"balanced_head {cfg.balanced_head!r} is not a trained head ({self.heads})")
-        weights = {}
+    def denominators(self, y: dict[str, torch.Tensor]) -> torch.Tensor:
+        local = []
         for h in self.heads:
-            balanced = cfg.class_balance == "loss" and h == cfg.balanced_head
-            weights[h] = class_weights(self.targets[h][self.rows("train")], len(self.vocab[h])) if balanced else None
-        self.loss = HeadLoss(self.heads, weights, cfg.label_smoothing, self.env)
-        self.head_weight = {h: cfg.head_weight_map().get(h, 1.0) for h in self.heads}
+            valid = y[h] >= 0
+            w = self.weights[h]
+            local.append(w[y[h][valid].cpu()].sum() if w is not None else valid.sum().float())
+        return self.dist.sum(torch.stack(local).double())
 
-    def loaders(self) -> None:
-        cfg, env = self.cfg, self.env
-        train_rows = self.rows("train")
-        batch = cfg.batch_size
-        if len(train_rows) < batch:
-            batch = max(env.world, len(train_rows) // env.world * env.world)
-            warnings.warn(f"training split has {len(train_rows)} utterances, fewer than batch_size "
-                          f"{cfg.batch_size}; using batches of {batch}")
-        if batch % env.world:
-            raise ConfigError(f"batch_size {batch} (the global batch) must be divisible by the "
-                              f"{env.world} processes")
-        self.local_batch = batch // env.world
-        self.train_set = CropDataset(self.cache, train_rows, self.targets, cfg.n_frames, train=True, seed=cfg.seed)
-        if cfg.class_balance == "sampler":
-            labels = self.targets[cfg.balanced_head][train_rows]
-            self.sampler = BalancedSampler(labels, cfg.seed, env.world, env.rank)
-        else:
-            from torch.utils.data import DistributedSampler
+    def __call__(self, logits, y, denominators):
+        sums = {}
+        for h in self.heads:
+            w = self.weights[h]
+            ce = F.cross_entropy(logits[h].float(), y[h], weight=None if w is None else w.to(logits[h].device),
+                                 ignore_index=-1, reduction="none", label_smoothing=self.smoothing)
+            sums[h] = ce.sum()
+        means = {h: sums[h] * (self.dist.world / max(float(denominators[i]), 1e-12)) for i, h in enumerate(self.heads)}
+        return sums, means
 
-            self.sampler = DistributedSampler(self.train_set, num_replicas=env.world, rank=env.rank,
-                                              shuffle=True, seed=cfg.seed, drop_last=True)
-        workers, pin = loader_settings(cfg, self.device, env.world)
-        # not persistent: workers hold a copy of the dataset, and its epoch (the crop seed) is set here
-        # each epoch; a persistent worker would crop every epoch like the first it saw
-        self.loader_args = dict(num_workers=workers, pin_memory=pin, persistent_workers=False)
-        from torch.utils.data import DataLoader
 
-        # drop_last: every step sees a full global batch, so 1 and N processes take identical steps
-        self.train_loader = DataLoader(self.train_set, batch_size=self.local_batch, sampler=self.sampler,
-                                       drop_last=True, **self.loader_args)
+# --- one training step ---------------------------------------------------------------------------
+@dataclass
+class Tally:
+    """Per-head sums over the steps of an epoch (this process's share; summed across processes later)."""
 
-    def eval_loader(self, rows: np.ndarray, shard: bool):
-        from torch.utils.data import DataLoader
+    heads: int
+    loss: torch.Tensor = None
+    denom: torch.Tensor = None
+    correct: torch.Tensor = None
+    valid: torch.Tensor = None
+    grad_sq: torch.Tensor = None
+    total: float = 0.0
+    grad_n: int = 0
+    steps: int = 0
+    skipped: int = 0
 
-        if shard:
-            rows = rows[self.env.rank :: self.env.world]
-        data = CropDataset(self.cache, rows, self.targets, self.cfg.n_frames, train=False,
-                           eval_crops=self.cfg.eval_crops, seed=self.cfg.seed)
-        return DataLoader(data, batch_size=max(1, self.local_batch), shuffle=False, **self.loader_args)
+    def __post_init__(self):
+        for name in ("loss", "denom", "correct", "valid", "grad_sq"):
+            setattr(self, name, torch.zeros(self.heads, dtype=torch.float64))
 
-    # --- records -------------------------------------------------------------------------------
-    def record(self) -> dict:
-        return {**self.cfg.to_dict(), "voxlib_version": __version__, "git_commit": git_commit(),
-                "manifest_digest": self.manifest.digest, "cache_key": self.cache.key}
 
-    def write_run_files(self, record: dict) -> None:
-        run = self.run_dir
-        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_atomic(run / "config.json", json.dumps(record, indent=2).encode())
-        write_atomic(run / "labels.json", json.dumps(self.vocab, indent=2, ensure_ascii=False).encode())
-        label_cols = [c for c in self.manifest.label_columns if c in self.table.columns]
-        cols = ["path"] + label_cols + [c for c in ("start", "end") if c in self.table.columns]
-        frame = self.table[cols].copy()
-        frame.insert(0, "row", self.row_ids)
-        frame["split"] = self.splits.to_numpy()
-        write_atomic(run / "splits.csv", frame.to_csv(index=False).encode())
-        rejected = getattr(self.manifest, "rejected", None)
-        if rejected is not None and len(rejected):
-            self.manifest.write_rejected(run / "rejected.csv")
+class TrainStep:
+    """One optimisation step exactly as training takes it; the benchmark times this very object.
 
-    # --- the loop ------------------------------------------------------------------------------
-    def run(self) -> Path:
-        cfg, env = self.cfg, self.env
-        self.prepare_data()
-        record = self.record()
-        old = check_resumable(self.run_dir, record)
-        last = self.run_dir / "checkpoints" / "last.pt"
-        self.build_model()
-        start, self.best, self.skipped_total = 0, None, 0
+    The weighted sum of per-head means (global denominators) is back-propagated; the step checks the
+    loss is finite on every process (a host sync), optionally measures each head's gradient norm at
+    the trunk output, and adds its losses and accuracies to the epoch's :class:`Tally` (host syncs
+    too). A non-finite loss takes no optimiser step; with ``nan_policy="skip"`` the BatchNorm buffers
+    are restored as well, and the step reports the heads at fault.
+    """
+
+    def __init__(self, model: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer, loss: HeadLoss,
+                 head_weight: dict[str, float], env: Dist, precision: str, channels_last: bool,
+                 nan_policy: str = "stop", after_step: Callable[[], None] | None = None):
+        self.model, self.net, self.optimizer, self.loss = model, net, optimizer, loss
+        self.heads = loss.heads
+        self.head_weight, self.env, self.device = head_weight, env, env.device
+        self.autocast = autocast_for(precision, env.device)
+        self.channels_last, self.nan_policy = channels_last, nan_policy
+        self.after_step = after_step or (lambda: None)
+
+    def __call__(self, x: torch.Tensor, y: dict[str, torch.Tensor], tally: Tally,
+                 measure_grad: bool = False) -> list[str]:
+        """Train on one batch; return the heads with a non-finite loss ([] when the step was taken)."""
+        env, heads = self.env, self.heads
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = {h: t.to(self.device, non_blocking=True) for h, t in y.items()}
+        denominators = self.loss.denominators(y)
+        buffers = [b.clone() for b in self.net.buffers()] if self.nan_policy == "skip" else None
+        with self.autocast():
+            logits, trunk = self.model(x, return_trunk=True)
+        sums, means = self.loss(logits, y, denominators)
+        total = sum(self.head_weight[h] * means[h] for h in heads)
+        bad = [h for h in heads if not torch.isfinite(means[h])]
+        if env.sum(torch.tensor([float(len(bad))])).item() > 0:
+            if buffers is not None:
+                with torch.no_grad():
+                    for b, old in zip(self.net.buffers(), buffers):
+                        b.copy_(old)
+            self.optimizer.zero_grad(set_to_none=True)
+            tally.skipped += 1
+            return bad or ["(another process)"]
+        if measure_grad:
+            for k, h in enumerate(heads):
+                (g,) = torch.autograd.grad(self.head_weight[h] * means[h], trunk, retain_graph=True)
+                tally.grad_sq[k] += g.float().pow(2).sum().item()
+            tally.grad_n += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.after_step()
+        with torch.no_grad():
+            for k, h in enumerate(heads):
+                ok = y[h] >= 0
+                tally.loss[k] += sums[h].item()
+                tally.denom[k] += denominators[k].item() / env.world  # re-summed over processes later
+                tally.correct[k] += (logits[h].argmax(1)[ok] == y[h][ok]).sum().item()
+                tally.valid[k] += ok.sum().item()
+            tally.total += total.item() / env.world
+        tally.steps += 1
+        return []
+
+
+# --- learning-rate schedule and early stopping -----------------------------------------------------
+class LearningRate:
+    """The learning-rate schedule (``lr_schedule``, ``warmup_epochs``), stepped per batch and per epoch.
+
+    Per batch: linear warm-up from lr/steps to lr, then cosine decay to 0 (``cosine``) or torch's
+    one-cycle policy (``onecycle``; warm-up sets its rising share, 30 % by default). Per epoch:
+    ``plateau`` halves the learning rate when the seen-speaker validation loss has not improved for
+    two epochs. The horizon is ``epochs`` as given at launch: raising it later stretches the schedule.
+    """
+
+    def __init__(self, cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+        from torch.optim import lr_scheduler
+
+        self.cfg, total = cfg, max(1, steps_per_epoch * cfg.epochs)
+        self.warmup = min(total, cfg.warmup_epochs * steps_per_epoch)
+        self.per_step = self.per_epoch = None
+        if cfg.lr_schedule == "onecycle":
+            pct = self.warmup / total if self.warmup else 0.3
+            self.per_step = lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+                                                    pct_start=min(max(pct, 1e-3), 0.999), cycle_momentum=False)
+        elif cfg.lr_schedule == "cosine" or self.warmup:
+            warm, cosine = self.warmup, cfg.lr_schedule == "cosine"
+
+            def factor(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                if not cosine:
+                    return 1.0
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+            self.per_step = lr_scheduler.LambdaLR(optimizer, factor)
+        if cfg.lr_schedule == "plateau":
+            self.per_epoch = lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2)
+        self.steps = 0
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.per_step is not None and (self.cfg.lr_schedule != "plateau" or self.steps <= self.warmup):
+            self.per_step.step()
+
+    def after_epoch(self, val_loss: float | None) -> None:
+        if self.per_epoch is not None and val_loss is not None:
+            self.per_epoch.step(val_loss)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps,
+                "per_step": self.per_step.state_dict() if self.per_step is not None else None,
+                "per_epoch": self.per_epoch.state_dict() if self.per_epoch is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state.get("steps", 0))
+        for name in ("per_step", "per_epoch"):
+            if getattr(self, name) is not None and state.get(name) is not None:
+                getattr(self, name).load_state_dict(state[name])
+
+
+def early_stop_value(cfg: Config, rows: list[tuple]) -> float | None:
+    """The epoch's ``early_stop`` measure (mean over heads, higher is better), or None if absent."""
+    split, _, metric = cfg.early_stop.partition(":")
+    values = [v for _, s, h, m, v in rows if s == split and m == metric and h != "all"]
+    if not values:
+        return None
+    mean = float(np.mean(values))
+    return mean if metric == "acc" else -mean
+
+
+# --- building the parts ----------------------------------------------------------------------------
+@dataclass
+class Parts:
+    """Everything that trains, built once by :func:`build_parts`."""
+
+    net: nn.Module  # the plain model (checkpoints, evaluation)
+    model: nn.Module  # what the step calls: the DDP wrapper under torchrun, else ``net``
+    optimizer: torch.optim.Optimizer
+    schedule: LearningRate
+    step: TrainStep
+    sampler: Any
+    train_loader: Any
+    loader_args: dict
+    local_batch: int
+    precision: str
+    channels_last: bool
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_model(cfg: Config, head_sizes: dict[str, int], env: Dist, channels_last: bool) -> nn.Module:
+    net = Discriminator(head_sizes, cfg.width)
+    if env.active:
+        net = sync_batchnorm(net, env.device)
+    net.to(env.device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def make_optimizer(cfg: Config, net: nn.Module) -> torch.optim.Optimizer:
+    params = net.parameters()
+    return torch.optim.RMSprop(params, lr=cfg.lr) if cfg.optimizer == "rmsprop" else torch.optim.Adam(params, lr=cfg.lr)
+
+
+def make_loss(cfg: Config, data: RunData, env: Dist) -> tuple[HeadLoss, dict[str, float]]:
+    if cfg.class_balance and cfg.balanced_head not in data.vocab:
+        raise ConfigError(f"balanced_head {cfg.balanced_head!r} is not a trained head ({data.heads})")
+    train_rows = data.rows("train")
+    weights = {h: class_weights(data.targets[h][train_rows], len(data.vocab[h]))
+               if cfg.class_balance == "loss" and h == cfg.balanced_head else None for h in data.heads}
+    head_weight = {h: cfg.head_weight_map().get(h, 1.0) for h in data.heads}
+    return HeadLoss(data.heads, weights, cfg.label_smoothing, env), head_weight
+
+
+def build_parts(cfg: Config, data: RunData, env: Dist, precision: str) -> Parts:
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    seed_everything(cfg.seed)
+    channels_last = uses_channels_last(cfg, env.device)
+    net = build_model(cfg, data.head_sizes, env, channels_last)
+    optimizer = make_optimizer(cfg, net)
+    if cfg.compile:
+        # The trunk only (the heads are a few small matrix products): a compiled whole model hands
+        # back the trunk output beside the logits, not as their input, so the heads' gradients at
+        # the trunk (grad_norm) could not be taken. The state dict keeps its keys. On CPU this needs
+        # the deterministic algorithms of speed_settings: without them, torch 2.13's compiled
+        # backward of unfold (conv_as_matmul) writes past its buffer and corrupts the heap.
+        net.trunk = torch.compile(net.trunk)
+    model = net
+    if env.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        # BatchNorm buffers are kept identical by the synced statistics: no per-step broadcast
+        model = DDP(net, device_ids=ids, forward_sync_buffers=False)
+
+    train_rows = data.rows("train")
+    batch = cfg.batch_size
+    if len(train_rows) < batch:
+        batch = max(env.world, len(train_rows) // env.world * env.world)
+        warnings.warn(f"training split has {len(train_rows)} utterances, fewer than batch_size "
+                      f"{cfg.batch_size}; using batches of {batch}")
+    if batch % env.world:
+        raise ConfigError(f"batch_size {batch} (the global batch) must be divisible by the {env.world} processes")
+    masks = (cfg.freq_masks, cfg.freq_mask_width, cfg.time_masks, cfg.time_mask_width)
+    train_set = CropDataset(data.cache, train_rows, data.targets, cfg.n_frames, train=True, seed=cfg.seed, masks=masks)
+    if cfg.class_balance == "sampler":
+        sampler = BalancedSampler(data.targets[cfg.balanced_head][train_rows], cfg.seed, env.world, env.rank)
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=env.world, rank=env.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+    workers, pin = loader_settings(cfg, env.device, env.world)
+    # not persistent: workers hold a copy of the dataset, and its epoch (the crop seed) is set each
+    # epoch; a persistent worker would crop every epoch like the first it saw
+    loader_args = dict(num_workers=workers, pin_memory=pin, persistent_workers=False)
+    # drop_last: every step sees a full global batch, so 1 and N processes take identical steps
+    train_loader = DataLoader(train_set, batch_size=batch // env.world, sampler=sampler, drop_last=True,
+                              **loader_args)
+    schedule = LearningRate(cfg, optimizer, len(train_loader))
+    loss, head_weight = make_loss(cfg, data, env)
+    step = TrainStep(model, net, optimizer, loss, head_weight, env, precision, channels_last, cfg.nan_policy,
+                     after_step=schedule.after_step)
+    return Parts(net, model, optimizer, schedule, step, sampler, train_loader, loader_args, batch // env.world,
+                 precision, channels_last)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+def settings_record(cfg: Config, data: RunData) -> dict:
+    """What shaped the weights: every feature and learning setting, the corpus digest and cache key."""
+    return {**cfg.values(FEATURES), **cfg.values(LEARNING), "manifest_digest": data.manifest.digest,
+            "cache_key": data.cache.key}
+
+
+def settings_changes(old: dict, new: dict) -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if key in old and key in new and old[key] != new[key]:
+            what = {"manifest_digest": "the corpus (manifest or audio files) changed",
+                    "cache_key": "the feature settings or the rows changed"}.get(key, f"{old[key]!r} -> {new[key]!r}")
+            changed.append(f"{key}: {what}")
+    return changed
+
+
+def checkpoint_state(epoch: int, parts: Parts, cfg: Config, data: RunData, progress: dict) -> dict:
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": _numpy_state_to_plain(np.random.get_state())}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"epoch": epoch, "model": parts.net.state_dict(), "optimizer": parts.optimizer.state_dict(),
+            "schedule": parts.schedule.state_dict(), "rng": rng, **progress,
+            "settings": settings_record(cfg, data), "precision": parts.precision,
+            "head_sizes": data.head_sizes, "width": cfg.width, "voxlib_version": __version__}
+
+
+def restore(path: Path, parts: Parts, data: RunData) -> dict:
+    """Load ``path`` into the parts and the RNGs; return the loop's progress (epoch, best, ...)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("head_sizes") != data.head_sizes:
+        raise TrainingError(f"{path} has heads {ckpt.get('head_sizes')}, this run has {data.head_sizes}")
+    parts.net.load_state_dict(ckpt["model"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.schedule.load_state_dict(ckpt.get("schedule", {}))
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate(_to_tuple(ckpt["rng"]["python"]))
+    np.random.set_state(_numpy_state_from_plain(ckpt["rng"]["numpy"]))
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return {"epoch": int(ckpt["epoch"]), "best": ckpt.get("best"), "skipped_batches": int(ckpt.get("skipped_batches", 0)),
+            "early_stop": ckpt.get("early_stop")}
+
+
+def stored_settings(run_dir: Path) -> tuple[dict | None, str | None]:
+    """(settings, precision) recorded in ``last.pt``, or (None, None) for a new run."""
+    last = run_dir / runfolder.CHECKPOINTS / runfolder.LAST
+    if not last.exists():
+        return None, None
+    ckpt = load_checkpoint(last)
+    return ckpt.get("settings"), ckpt.get("precision")
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+def evaluate(parts: Parts, data: RunData, cfg: Config, env: Dist, rows: np.ndarray, shard: bool = True,
+             collect: bool = False) -> dict:
+    """Loss/accuracy per head on ``rows`` with crop-averaged probabilities (optionally kept)."""
+    from torch.utils.data import DataLoader
+
+    if shard:
+        rows = rows[env.rank :: env.world]
+    dataset = CropDataset(data.cache, rows, data.targets, cfg.n_frames, train=False, eval_crops=cfg.eval_crops,
+                          seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=max(1, parts.local_batch), shuffle=False, **parts.loader_args)
+    H = len(data.heads)
+    loss_sum, correct, valid = (torch.zeros(H, dtype=torch.float64) for _ in range(3))
+    kept = {"row": [], "probs": {h: [] for h in data.heads}, "features": []}
+    batches = ((x, (y, r)) for x, y, r in loader)
+    for (y, r), probs, trunk in crop_averaged(parts.net, batches, env.device, parts.precision, parts.channels_last,
+                                              features=collect):
+        for k, h in enumerate(data.heads):
+            t = y[h]
+            ok = t >= 0
+            loss_sum[k] += -probs[h][ok, t[ok]].clamp(min=1e-12).log().sum().item()
+            correct[k] += (probs[h][ok].argmax(1) == t[ok]).sum().item()
+            valid[k] += ok.sum().item()
+            if collect:
+                kept["probs"][h].append(probs[h])
+        if collect:
+            kept["row"].append(r)
+            kept["features"].append(trunk)
+    if shard:
+        loss_sum, correct, valid = (env.sum(t) for t in (loss_sum, correct, valid))
+    out = dict(loss=loss_sum / valid.clamp(min=1), acc=correct / valid.clamp(min=1), valid=valid)
+    if collect:
+        out["row"] = torch.cat(kept["row"]).numpy() if kept["row"] else np.zeros(0, np.int64)
+        out["probs"] = {h: torch.cat(p).numpy() for h, p in kept["probs"].items() if p}
+        out["features"] = torch.cat(kept["features"]).numpy() if kept["features"] else np.zeros((0, 0))
+    return out
+
+
+# --- one epoch ----------------------------------------------------------------------------------------
+def train_epoch(epoch: int, parts: Parts, data: RunData, cfg: Config, env: Dist, run_dir: Path) -> Tally:
+    parts.model.train()
+    parts.sampler.set_epoch(epoch)
+    parts.train_loader.dataset.set_epoch(epoch)
+    tally = Tally(len(data.heads))
+    step_base = (epoch - 1) * len(parts.train_loader)
+    # per-batch bars only on a terminal: in notebooks and logs every refresh would become a line
+    bar = tqdm(parts.train_loader, desc=f"epoch {epoch}", leave=False, disable=not (env.main and sys.stderr.isatty()))
+    for i, (x, y, rows) in enumerate(bar):
+        _fault_point("step", step_base + i)
+        bad = parts.step(x, y, tally, measure_grad=bool(cfg.grad_log_every) and i % cfg.grad_log_every == 0)
+        if bad:
+            paths = [data.table.at[int(r), "path"] for r in rows]
+            where = f"epoch {epoch}, step {step_base + i + 1}: non-finite loss in head(s) {bad}; batch files: {paths}"
+            if cfg.nan_policy == "stop":
+                raise TrainingError(f"{where}. Stopped; the last good checkpoint "
+                                    f"{run_dir / runfolder.CHECKPOINTS / runfolder.LAST} is kept. Lower --lr, "
+                                    f"check these files, or use --nan-policy skip.")
+            warnings.warn(f"{where}; batch skipped (no optimiser step)")
+    for name in ("loss", "denom", "correct", "valid", "grad_sq"):
+        setattr(tally, name, env.sum(getattr(tally, name)))
+    tally.total = float(env.sum(torch.tensor([tally.total], dtype=torch.float64)).item())
+    if tally.skipped:
+        warnings.warn(f"epoch {epoch}: {tally.skipped} batch(es) skipped for non-finite loss")
+    return tally
+
+
+def epoch_rows(epoch: int, tally: Tally, seconds: float, val: dict[str, dict], heads: list[str], world: int) -> list[tuple]:
+    """metrics.csv rows of one epoch: train loss/acc/grad_norm per head, totals, validation per split."""
+    loss = tally.loss / tally.denom.clamp(min=1e-12)
+    acc = tally.correct / tally.valid.clamp(min=1)
+    # a process's slice of the trunk gradient is 1/world of the global-loss gradient
+    grad = (tally.grad_sq / world**2).sqrt() if tally.grad_n else None
+    rows = []
+    for k, h in enumerate(heads):
+        rows += [(epoch, "train", h, "loss", float(loss[k])), (epoch, "train", h, "acc", float(acc[k]))]
+        if grad is not None:
+            rows.append((epoch, "train", h, "grad_norm", float(grad[k])))
+    rows += [(epoch, "train", "all", "loss", tally.total / max(tally.steps, 1)),
+             (epoch, "train", "all", "skipped_batches", float(tally.skipped)),
+             (epoch, "train", "all", "seconds", round(seconds, 3))]
+    for split, result in val.items():
+        for k, h in enumerate(heads):
+            if result["valid"][k] > 0:
+                rows += [(epoch, split, h, "loss", float(result["loss"][k])), (epoch, split, h, "acc", float(result["acc"][k]))]
+    return rows
+
+
+def validation_score(val: dict[str, dict]) -> tuple[float, float] | None:
+    """best.pt's criterion: mean seen_val accuracy over heads, ties broken by lower mean seen_val loss."""
+    result = val.get("seen_val")
+    if result is None:
+        return None
+    scored = result["valid"] > 0
+    return float(result["acc"][scored].mean()), -float(result["loss"][scored].mean())
+
+
+def epoch_line(epoch: int, epochs: int, rows: list[tuple], heads: list[str], seconds: float) -> str:
+    """One labelled progress line: full head names, seen-speaker validation accuracy (else train)."""
+    acc = {(s, h): v for _, s, h, m, v in rows if m == "acc"}
+    split = "seen_val" if any(s == "seen_val" for s, _ in acc) else "train"
+    parts = ", ".join(f"{h} {100 * acc[(split, h)]:.1f}%" for h in heads if (split, h) in acc)
+    loss = next(v for _, s, h, m, v in rows if (s, h, m) == ("train", "all", "loss"))
+    return f"epoch {epoch}/{epochs} ({seconds:.0f} s): train loss {loss:.3f}; {split} accuracy: {parts}"
+
+
+# --- outputs -------------------------------------------------------------------------------------------
+def write_outputs(run_dir: Path, parts: Parts, data: RunData, cfg: Config, env: Dist, progress: dict) -> None:
+    """predictions.csv and embeddings.npz from the best checkpoint's weights, then summary.json."""
+    best = run_dir / runfolder.CHECKPOINTS / runfolder.BEST
+    if best.exists():
+        parts.net.load_state_dict(load_checkpoint(best)["model"])
+    frames, features, feature_rows, feature_splits = [], [], [], []
+    for split in runfolder.HELD_OUT_SPLITS:
+        rows = data.rows(split)
+        if not len(rows):
+            continue
+        result = evaluate(parts, data, cfg, env, rows, shard=False, collect=True)
+        idx = result["row"]
+        ids = {"row": data.row_ids[idx], "path": data.table["path"].to_numpy()[idx],
+               "speaker": data.table["speaker"].to_numpy()[idx], "split": split}
+        frames.append(runfolder.prediction_frame(ids, data.vocab, result["probs"],
+                                                 {h: t[idx] for h, t in data.targets.items()}))
+        if split.endswith("test"):
+            features.append(result["features"])
+            feature_rows.append(idx)
+            feature_splits += [split] * len(idx)
+    train_rows = data.rows("train")
+    if len(train_rows) > EMBED_TRAIN_MAX:
+        pick = np.random.default_rng([cfg.seed, 7]).choice(len(train_rows), EMBED_TRAIN_MAX, replace=False)
+        train_rows = np.sort(train_rows[pick])
+    result = evaluate(parts, data, cfg, env, train_rows, shard=False, collect=True)
+    features.append(result["features"])
+    feature_rows.append(result["row"])
+    feature_splits += ["train"] * len(result["row"])
+    import pandas as pd
+
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    _fault_point("write", runfolder.PREDICTIONS)
+    runfolder.write_csv(run_dir, runfolder.PREDICTIONS, table)
+    _fault_point("write", runfolder.EMBEDDINGS)
+    runfolder.write_embeddings(run_dir, np.concatenate(features), data.row_ids[np.concatenate(feature_rows)],
+                               feature_splits)
+    summary = {"epochs": cfg.epochs, "epochs_trained": progress["epoch"],
+               "stopped_early": progress["epoch"] < cfg.epochs,
+               "best_epoch": (progress["best"] or {}).get("epoch"),
+               "predictions_from": "best.pt" if best.exists() else "last weights",
+               "skipped_batches": progress["skipped_batches"], "train_batch": parts.local_batch * env.world,
+               "world_size": env.world, "device": str(env.device), "precision": parts.precision}
+    _fault_point("write", runfolder.SUMMARY)
+    runfolder.write_json(run_dir, runfolder.SUMMARY, summary)
+
+
+def write_run_files(run_dir: Path, cfg: Config, data: RunData, precision: str) -> None:
+    """config.json (the record of this launch), labels.json, splits.csv and the rejected clips."""
+    from voxlib.config import git_commit
+
+    record = {**cfg.to_dict(), "voxlib_version": __version__, "git_commit": git_commit(),
+              "manifest_digest": data.manifest.digest, "cache_key": data.cache.key, "precision_used": precision}
+    (run_dir / runfolder.CHECKPOINTS).mkdir(exist_ok=True)
+    runfolder.write_json(run_dir, runfolder.CONFIG, record)
+    runfolder.write_json(run_dir, runfolder.LABELS, data.vocab)
+    runfolder.write_csv(run_dir, runfolder.SPLITS_FILE, data.split_table())
+    rejected = data.manifest.rejected
+    if rejected is not None and len(rejected):
+        log.warning("%d clip(s) skipped as unusable; listed with reasons in %s", len(rejected),
+                    run_dir / runfolder.REJECTED)
+        runfolder.write_csv(run_dir, runfolder.REJECTED, rejected)
+
+
+def commit_epoch(run_dir: Path, epoch: int, rows: list[tuple], writer, state: dict, improved: bool) -> None:
+    """Make epoch ``epoch`` durable, in an order where a failure at any write resumes exactly.
+
+    metrics.csv and TensorBoard first (a resume drops their rows past the checkpoint's epoch), then
+    best.pt, then last.pt: last.pt is the commit point. A crash before it redoes the epoch, which is
+    deterministic and so rewrites best.pt with the same bytes; best.pt can never lag behind last.pt.
+    """
+    ckpt = run_dir / runfolder.CHECKPOINTS
+    last_good = (f"The checkpoint {ckpt / runfolder.LAST} (epoch {epoch - 1}) is intact" if epoch > 1
+                 else "No epoch had been checkpointed yet")
+    try:
+        _fault_point("write", runfolder.METRICS)
+        runfolder.write_metrics(run_dir, rows, keep_until=epoch - 1)
+        _fault_point("write", runfolder.TENSORBOARD)
+        for _, split, head, metric, value in rows:
+            writer.add_scalar(f"{metric}/{split}/{head}", value, epoch)
+        writer.flush()
+        if improved:
+            _fault_point("write", runfolder.BEST)
+            save_checkpoint(state, ckpt / runfolder.BEST)
+        _fault_point("write", runfolder.LAST)
+        save_checkpoint(state, ckpt / runfolder.LAST)
+    except (OSError, CheckpointError) as err:
+        raise TrainingError(f"epoch {epoch}: {err}. {last_good}; free space and re-run the same command "
+                            f"to resume.") from err
+
+
+# --- the run -------------------------------------------------------------------------------------------
+def train(cfg: Config) -> Path:
+    """Train (or resume, or find finished) the run described by ``cfg``; return the run folder."""
+    env = init_distributed(cfg)
+    try:
+        with speed_settings(cfg, env.device):
+            return run_training(cfg, env)
+    finally:
+        if env.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def run_training(cfg: Config, env: Dist) -> Path:
+    for note in cfg.preset_notes:
+        log.info("%s", note)
+    data = load_run_data(cfg, in_turn=env.in_turn, progress=env.main)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else runfolder.default_run_dir(cfg)
+    owner = runfolder.writing(run_dir) if env.main else contextlib.nullcontext(run_dir)
+    with owner:
+        old, precision = stored_settings(run_dir)
+        if old is not None:
+            changed = settings_changes(old, settings_record(cfg, data))
+            if changed:
+                raise TrainingError(f"run folder {run_dir} was trained with different settings; refusing to "
+                                    f"resume: " + "; ".join(changed) + ". Use a new --run-dir, or restore the "
+                                    f"settings to continue that run.")
+        precision = precision or resolve_precision(cfg, env.device)
+        parts = build_parts(cfg, data, env, precision)
+        progress = {"epoch": 0, "best": None, "skipped_batches": 0, "early_stop": None}
+        last = run_dir / runfolder.CHECKPOINTS / runfolder.LAST
         if last.exists():
-            start = self.load(last)
-            if start > cfg.epochs:
-                raise TrainingError(f"{self.run_dir} already holds {start} epochs; --epochs {cfg.epochs} "
+            progress = restore(last, parts, data)
+            if progress["epoch"] > cfg.epochs:
+                raise TrainingError(f"{run_dir} already holds {progress['epoch']} epochs; --epochs {cfg.epochs} "
                                     f"would go back (raise --epochs to train on, or use a new --run-dir)")
-        finished = start == cfg.epochs and (self.run_dir / "predictions.csv").exists() \
-            and (self.run_dir / "embeddings.npz").exists()
-        if finished:
-            log.info("%s is complete (%d epochs); nothing to do", self.run_dir, start)
-            return self.run_dir
+        if is_complete(run_dir, cfg, progress):
+            log.info("%s is complete (%d epochs); nothing to do", run_dir, progress["epoch"])
+            return run_dir
         if env.main:
-            if old is not None:
-                log.info("resuming %s after epoch %d", self.run_dir, start)
-            self.write_run_files(record)
-            truncate_metrics(self.run_dir / "metrics.csv", start)
-            for stale in (self.run_dir / "checkpoints").glob(".*.tmp*"):  # left by a crash mid-save
+            if progress["epoch"]:
+                log.info("resuming %s after epoch %d", run_dir, progress["epoch"])
+            (run_dir / runfolder.SUMMARY).unlink(missing_ok=True)  # no longer complete
+            write_run_files(run_dir, cfg, data, precision)
+            runfolder.write_metrics(run_dir, [], keep_until=progress["epoch"])
+            for stale in (run_dir / runfolder.CHECKPOINTS).glob(".*.tmp*"):  # left by a crash mid-save
                 stale.unlink()
         env.barrier()
-        self.loaders()
         writer = None
         if env.main:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(self.run_dir / "tb", purge_step=start + 1 if start else None)
+            writer = SummaryWriter(run_dir / runfolder.TENSORBOARD,
+                                   purge_step=progress["epoch"] + 1 if progress["epoch"] else None)
         try:
-            epochs = tqdm(range(start + 1, cfg.epochs + 1), desc="epochs", disable=not env.main,
-                          initial=start, total=cfg.epochs)
-            for epoch in epochs:
-                t0 = time.perf_counter()
-                stats = self.train_epoch(epoch)
-                seconds = time.perf_counter() - t0
-                rows = self.epoch_rows(epoch, stats, seconds)
-                if env.main:
-                    self.log_epoch(epoch, rows, writer)
-                    epochs.set_postfix_str(self.summary(rows))
-                env.barrier()
+            train_epochs(cfg, env, data, parts, run_dir, progress, writer)
             if env.main:
-                self.write_predictions()
+                try:
+                    write_outputs(run_dir, parts, data, cfg, env, progress)
+                except OSError as err:
+                    raise TrainingError(f"{err}. Training is complete and checkpointed; free space and re-run "
+                                        f"the same command to write the predictions.") from err
             env.barrier()
         finally:
             if writer is not None:
                 writer.close()
-        return self.run_dir
+    return run_dir
 
-    def train_epoch(self, epoch: int) -> dict:
-        cfg, env, heads = self.cfg, self.env, self.heads
-        self.model.train()
-        self.sampler.set_epoch(epoch)
-        self.train_set.set_epoch(epoch)
-        H = len(heads)
-        loss_sum, denom, correct, valid = (torch.zeros(H, dtype=torch.float64) for _ in range(4))
-        total_sum = torch.zeros(1, dtype=torch.float64)
-        grad_sq, grad_n, skipped = torch.zeros(H, dtype=torch.float64), 0, 0
-        step_base = (epoch - 1) * len(self.train_loader)
-        # per-batch bars only on a terminal: in notebooks and logs every refresh would become a line
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False,
-                   disable=not (env.main and sys.stderr.isatty()))
-        for i, (x, y, rows) in enumerate(bar):
-            self.maybe_pause("step", step_base + i)
-            x = x.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = {h: t.to(self.device, non_blocking=True) for h, t in y.items()}
-            denominators = self.loss.denominators(y)
-            buffers = [b.clone() for b in self.net.buffers()] if cfg.nan_policy == "skip" else None
-            with self.autocast():
-                logits, trunk = self.model(x, return_trunk=True)
-            sums, means = self.loss(logits, y, denominators)
-            total = sum(self.head_weight[h] * means[h] for h in heads)
-            bad = [h for h in heads if not torch.isfinite(means[h])]
-            flag = env.sum(torch.tensor([float(len(bad))]))
-            if flag.item() > 0:
-                paths = [self.table.at[int(r), "path"] for r in rows]
-                where = (f"epoch {epoch}, step {step_base + i + 1}: non-finite loss in head(s) "
-                         f"{bad or '(another process)'}; batch files: {paths}")
-                if cfg.nan_policy == "stop":
-                    raise TrainingError(f"{where}. Stopped; the last good checkpoint "
-                                        f"{self.run_dir / 'checkpoints' / 'last.pt'} is kept. Lower --lr, "
-                                        f"check these files, or use --nan-policy skip.")
-                warnings.warn(f"{where}; batch skipped (no optimiser step)")
-                with torch.no_grad():
-                    for b, old in zip(self.net.buffers(), buffers):
-                        b.copy_(old)
-                self.optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
-            if cfg.grad_log_every and i % cfg.grad_log_every == 0:
-                for k, h in enumerate(heads):
-                    (g,) = torch.autograd.grad(self.head_weight[h] * means[h], trunk, retain_graph=True)
-                    grad_sq[k] += g.float().pow(2).sum().item()
-                grad_n += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
-            with torch.no_grad():
-                for k, h in enumerate(heads):
-                    ok = y[h] >= 0
-                    loss_sum[k] += sums[h].item()
-                    denom[k] += denominators[k].item() / env.world  # re-summed over processes below
-                    correct[k] += (logits[h].argmax(1)[ok] == y[h][ok]).sum().item()
-                    valid[k] += ok.sum().item()
-                total_sum += total.item() / env.world
-        loss_sum, denom, correct, valid, total_sum, grad_sq = (
-            env.sum(t) for t in (loss_sum, denom, correct, valid, total_sum, grad_sq))
-        steps = len(self.train_loader) - skipped
-        # a process's slice of the trunk gradient is 1/world of the global-loss gradient
-        grad = (grad_sq / env.world**2).sqrt() if grad_n else None
-        return dict(loss=loss_sum / denom.clamp(min=1e-12), acc=correct / valid.clamp(min=1),
-                    total=total_sum.item() / max(steps, 1), grad=grad, grad_n=grad_n, skipped=skipped)
 
-    @torch.no_grad()
-    def evaluate(self, rows: np.ndarray, shard: bool = True, collect: bool = False) -> dict:
-        """Loss/accuracy per head on ``rows`` with crop-averaged probabilities (optionally kept)."""
-        self.net.eval()
-        H = len(self.heads)
-        loss_sum, correct, valid = (torch.zeros(H, dtype=torch.float64) for _ in range(3))
-        kept = {"row": [], "probs": {h: [] for h in self.heads}, "features": []}
-        for x, y, r in self.eval_loader(rows, shard):
-            n, crops = x.shape[:2]
-            x = x.flatten(0, 1).to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self.autocast():
-                logits, trunk = self.net(x, return_trunk=True)
-            for k, h in enumerate(self.heads):
-                probs = logits[h].float().softmax(1).reshape(n, crops, -1).mean(1).cpu()
-                t = y[h]
-                ok = t >= 0
-                picked = probs[ok, t[ok]]
-                loss_sum[k] += -picked.clamp(min=1e-12).log().sum().item()
-                correct[k] += (probs[ok].argmax(1) == t[ok]).sum().item()
-                valid[k] += ok.sum().item()
-                if collect:
-                    kept["probs"][h].append(probs)
-            if collect:
-                kept["row"].append(r)
-                kept["features"].append(trunk.float().reshape(n, crops, -1).mean(1).cpu())
-        if shard:
-            loss_sum, correct, valid = (self.env.sum(t) for t in (loss_sum, correct, valid))
-        out = dict(loss=loss_sum / valid.clamp(min=1), acc=correct / valid.clamp(min=1), valid=valid)
-        if collect:
-            out["row"] = torch.cat(kept["row"]).numpy() if kept["row"] else np.zeros(0, np.int64)
-            out["probs"] = {h: torch.cat(p) for h, p in kept["probs"].items() if p}
-            out["features"] = torch.cat(kept["features"]) if kept["features"] else torch.zeros(0)
-        return out
+def is_complete(run_dir: Path, cfg: Config, progress: dict) -> bool:
+    summary = run_dir / runfolder.SUMMARY
+    if not summary.is_file():
+        return False
+    try:
+        done = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return False
+    return done.get("epochs") == cfg.epochs and done.get("epochs_trained") == progress["epoch"]
 
-    def epoch_rows(self, epoch: int, stats: dict, seconds: float) -> list[tuple]:
-        rows = []
-        for k, h in enumerate(self.heads):
-            rows += [(epoch, "train", h, "loss", float(stats["loss"][k])),
-                     (epoch, "train", h, "acc", float(stats["acc"][k]))]
-            if stats["grad"] is not None:
-                rows.append((epoch, "train", h, "grad_norm", float(stats["grad"][k])))
-        rows += [(epoch, "train", "all", "loss", stats["total"]),
-                 (epoch, "train", "all", "skipped_batches", float(stats["skipped"])),
-                 (epoch, "train", "all", "seconds", round(seconds, 3))]
-        self.val_score = None
-        for split in ("seen_val", "unseen_val"):
-            split_rows = self.rows(split)
-            if not len(split_rows):
-                continue
-            result = self.evaluate(split_rows)
-            for k, h in enumerate(self.heads):
-                if result["valid"][k] > 0:
-                    rows += [(epoch, split, h, "loss", float(result["loss"][k])),
-                             (epoch, split, h, "acc", float(result["acc"][k]))]
-            if split == "seen_val":
-                scored = result["valid"] > 0
-                self.val_score = (float(result["acc"][scored].mean()), -float(result["loss"][scored].mean()))
-        self.skipped_total += stats["skipped"]
-        if stats["skipped"]:
-            warnings.warn(f"epoch {epoch}: {stats['skipped']} batch(es) skipped for non-finite loss")
-        return rows
 
-    def summary(self, rows: list[tuple]) -> str:
-        acc = {(s, h): v for _, s, h, m, v in rows if m == "acc"}
-        return " ".join(f"{h[:4]} {acc.get(('seen_val', h), acc.get(('train', h), 0)):.2f}" for h in self.heads)
-
-    def log_epoch(self, epoch: int, rows: list[tuple], writer) -> None:
-        ckpt = self.run_dir / "checkpoints"
-        last_good = (f"The checkpoint {ckpt / 'last.pt'} (epoch {epoch - 1}) is intact" if epoch > 1
-                     else "No epoch was completed before")
-        write_metrics(self.run_dir / "metrics.csv", [(e, s, h, m, repr(float(v))) for e, s, h, m, v in rows],
-                      last_good)
-        for _, split, head, metric, value in rows:
-            writer.add_scalar(f"{metric}/{split}/{head}", value, epoch)
-        writer.flush()
-        # "best" = highest mean seen_val accuracy over heads, ties broken by lower mean seen_val loss;
-        # without a seen_val split the latest epoch counts as best
-        improved = self.val_score is None or self.best is None or self.val_score > tuple(self.best["score"])
+def train_epochs(cfg: Config, env: Dist, data: RunData, parts: Parts, run_dir: Path, progress: dict, writer) -> None:
+    """The loop: train an epoch, validate, commit it; stop at ``epochs`` or when early stopping says so."""
+    stop = progress.get("early_stop") or {"best": None, "since": 0}
+    for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        tally = train_epoch(epoch, parts, data, cfg, env, run_dir)
+        seconds = time.perf_counter() - t0
+        val = {split: evaluate(parts, data, cfg, env, data.rows(split))
+               for split in ("seen_val", "unseen_val") if len(data.rows(split))}
+        rows = epoch_rows(epoch, tally, seconds, val, data.heads, env.world)
+        score = validation_score(val)
+        seen_loss = -score[1] if score else None
+        parts.schedule.after_epoch(seen_loss if seen_loss is not None else rows[0][4])
+        improved = score is None or progress["best"] is None or score > tuple(progress["best"]["score"])
         if improved:
-            self.best = {"epoch": epoch, "score": list(self.val_score or (0.0, 0.0))}
-        state = self.state(epoch)
-        try:
-            save_checkpoint(state, ckpt / "last.pt", self.pause_hook(epoch))
-            if improved:
-                save_checkpoint(state, ckpt / "best.pt")
-        except CheckpointError as err:
-            raise TrainingError(f"epoch {epoch}: {err}. {last_good}; free space and re-run the same "
-                                f"command to resume.") from err
-
-    # --- checkpoints ---------------------------------------------------------------------------
-    def state(self, epoch: int) -> dict:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "numpy": _numpy_state_to_plain(np.random.get_state())}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"epoch": epoch, "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "rng": rng, "best": self.best, "skipped_batches": self.skipped_total,
-                "head_sizes": {h: len(c) for h, c in self.vocab.items()}, "width": self.cfg.width,
-                "voxlib_version": __version__}
-
-    def load(self, path: Path) -> int:
-        ckpt = load_checkpoint(path)
-        sizes = {h: len(c) for h, c in self.vocab.items()}
-        if ckpt.get("head_sizes") != sizes:
-            raise TrainingError(f"{path} has heads {ckpt.get('head_sizes')}, this run has {sizes}")
-        self.net.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(_to_tuple(ckpt["rng"]["python"]))
-        np.random.set_state(_numpy_state_from_plain(ckpt["rng"]["numpy"]))
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        self.best, self.skipped_total = ckpt.get("best"), int(ckpt.get("skipped_batches", 0))
-        return int(ckpt["epoch"])
-
-    def pause_hook(self, epoch: int):
-        if self.fault != f"save:{epoch}":
-            return None
-        return lambda tmp: self.pause(f"checkpoint of epoch {epoch} written to {tmp}, not yet renamed")
-
-    def maybe_pause(self, kind: str, index: int) -> None:
-        if self.fault == f"{kind}:{index}":
-            self.pause(f"before {kind} {index}")
-
-    def pause(self, where: str) -> None:
-        """Fault injection for the resilience tests: announce the point, then wait to be killed."""
-        marker = os.environ.get("VOX_FAULT_MARKER")
-        if marker:
-            Path(marker).write_text(where)
-        time.sleep(float(os.environ.get("VOX_FAULT_SECONDS", "120")))
-
-    # --- outputs -------------------------------------------------------------------------------
-    def write_predictions(self) -> None:
-        """predictions.csv and embeddings.npz from the best checkpoint's weights (rank 0 only)."""
-        best = self.run_dir / "checkpoints" / "best.pt"
-        if best.exists():
-            self.net.load_state_dict(load_checkpoint(best)["model"])
-        frames, features, feature_rows, feature_splits = [], [], [], []
-        for split in HELD_OUT:
-            rows = self.rows(split)
-            if not len(rows):
-                continue
-            result = self.evaluate(rows, shard=False, collect=True)
-            frames.append(self.prediction_frame(split, result))
-            if split.endswith("test"):
-                features.append(result["features"])
-                feature_rows.append(result["row"])
-                feature_splits += [split] * len(result["row"])
-        train_rows = self.rows("train")
-        if len(train_rows) > EMBED_TRAIN_MAX:
-            pick = np.random.default_rng([self.cfg.seed, 7]).choice(len(train_rows), EMBED_TRAIN_MAX, replace=False)
-            train_rows = np.sort(train_rows[pick])
-        result = self.evaluate(train_rows, shard=False, collect=True)
-        features.append(result["features"])
-        feature_rows.append(result["row"])
-        feature_splits += ["train"] * len(result["row"])
-        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        write_atomic(self.run_dir / "predictions.csv", table.to_csv(index=False).encode())
-        buffer = io.BytesIO()
-        np.savez(buffer, features=torch.cat(features).numpy().astype(np.float16),
-                 row=self.row_ids[np.concatenate(feature_rows)].astype(np.int64),
-                 split=np.array(feature_splits, dtype=str))
-        write_atomic(self.run_dir / "embeddings.npz", buffer.getvalue())
-        summary = {"epochs": self.cfg.epochs, "best_epoch": (self.best or {}).get("epoch"),
-                   "predictions_from": "best.pt" if best.exists() else "last weights",
-                   "skipped_batches": self.skipped_total, "train_batch": self.local_batch * self.env.world,
-                   "world_size": self.env.world, "device": str(self.device)}
-        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
-
-    def prediction_frame(self, split: str, result: dict) -> pd.DataFrame:
-        idx = result["row"]
-        frame = pd.DataFrame({"row": self.row_ids[idx], "path": self.table["path"].to_numpy()[idx],
-                              "speaker": self.table["speaker"].to_numpy()[idx], "split": split})
-        for h in self.heads:
-            names = np.array(self.vocab[h], dtype=object)
-            probs = result["probs"][h].numpy()
-            t = self.targets[h][idx]
-            top = np.argsort(-probs, axis=1, kind="stable")[:, :5]
-            frame[f"{h}_true"] = np.where(t >= 0, names[np.clip(t, 0, None)], "")
-            frame[f"{h}_pred"] = names[top[:, 0]]
-            frame[f"{h}_prob"] = probs[np.arange(len(idx)), top[:, 0]]
-            frame[f"{h}_top5"] = ["|".join(names[r]) for r in top]
-        return frame
+            progress["best"] = {"epoch": epoch, "score": list(score or (0.0, 0.0))}
+        progress["skipped_batches"] += tally.skipped
+        progress["epoch"] = epoch
+        if cfg.early_stop:
+            value = early_stop_value(cfg, rows)
+            if value is not None and (stop["best"] is None or value > stop["best"]):
+                stop = {"best": value, "since": 0}
+            else:
+                stop = {"best": stop["best"], "since": stop["since"] + 1}
+        progress["early_stop"] = stop
+        if env.main:
+            state = checkpoint_state(epoch, parts, cfg, data, {k: progress[k] for k in ("best", "skipped_batches", "early_stop")})
+            commit_epoch(run_dir, epoch, rows, writer, state, improved)
+            log.info("%s", epoch_line(epoch, cfg.epochs, rows, data.heads, seconds))
+        env.barrier()
+        if cfg.early_stop and stop["since"] >= cfg.patience:
+            log.info("early stop after epoch %d: %s has not improved for %d epochs", epoch, cfg.early_stop, cfg.patience)
+            break
 
 
 def _numpy_state_to_plain(state) -> dict:
@@ -842,13 +815,15 @@ def _to_tuple(value):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import os
+
     from voxlib.cli import parse_config
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = parse_config(argv)
     try:
         run_dir = train(cfg)
-    except (TrainingError, CheckpointError, ConfigError) as err:
+    except (TrainingError, CheckpointError, ConfigError, runfolder.FolderError, WriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:

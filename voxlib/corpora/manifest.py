@@ -272,6 +272,11 @@ def _probe(path: str, start: float, end: float, sample_rate: int, n_fft: int) ->
     return result
 
 
+def check_clip(path: str, start: float, end: float, sample_rate: int, n_fft: int) -> dict:
+    """The checks every manifest row passes, for one clip outside a manifest (voxlib.predict)."""
+    return _probe(str(path), float(start), float(end), sample_rate, n_fft)
+
+
 def _short(err: Exception) -> str:
     return str(err).split(": ", 1)[-1] if "Error opening" in str(err) else str(err)
 
