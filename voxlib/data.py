@@ -86,14 +86,16 @@ def unseen_folds(table: pd.DataFrame, cfg) -> dict[str, int]:
 
     - ``folds=1``: the first ``min(unseen_per_class, n - 1)`` speakers of that order are unseen (the
       single split; a class always keeps a seen speaker).
-    - ``folds=K >= 2``: *every* speaker of the class is unseen in exactly one fold. The order is cut
-      into K consecutive chunks whose sizes differ by at most one (the larger chunks rotate with the
-      class index, so no fold collects all of them); chunk k is fold k's. A class with fewer speakers
-      than folds is absent from the last folds. Each fold holds out at most ``ceil(n / K) <= n - 1``
-      speakers of a class, so every class keeps a seen speaker in every fold; ``unseen_per_class``
-      only switches the unseen split off when 0.
+    - ``folds=K >= 2``: *every* speaker of the class is unseen in exactly one fold. Speakers are dealt
+      to folds in turn, one sex of a class after the other, the turn carrying on from class to class:
+      so within a class the folds' shares differ by at most one speaker and each sex is spread over the
+      folds, and across classes the folds' totals differ by at most one. A class with fewer speakers
+      than folds is absent from some folds. A fold holds out at most ``ceil(n / K) <= n - 1`` speakers
+      of a class, so every class keeps a seen speaker in every fold; ``unseen_per_class`` only
+      switches the unseen split off when 0.
     """
     folds: dict[str, int] = {}
+    turn = 0  # the next fold to deal a speaker to (folds >= 2)
     if cfg.unseen_per_class <= 0:
         return folds
     # without a birthplace column (JVS) the held-out speakers are drawn from the whole corpus
@@ -107,17 +109,15 @@ def unseen_folds(table: pd.DataFrame, cfg) -> dict[str, int]:
         sexes = sorted(by_sex)
         # start with a different sex in alternate classes, so one-per-class still mixes sexes
         order = sexes[k % len(sexes):] + sexes[: k % len(sexes)]
-        sequence = []
-        while any(by_sex.values()):
-            sequence += [by_sex[sex].pop(0) for sex in order if by_sex[sex]]
         if cfg.folds == 1:
+            sequence = []
+            while any(by_sex.values()):
+                sequence += [by_sex[sex].pop(0) for sex in order if by_sex[sex]]
             folds |= dict.fromkeys(sequence[: min(cfg.unseen_per_class, len(group) - 1)], 0)
             continue
-        base, extra = divmod(len(sequence), cfg.folds)
-        sizes = [base + ((fold - k) % cfg.folds < extra) for fold in range(cfg.folds)]
-        bounds = np.cumsum([0] + sizes)
-        for fold in range(cfg.folds):
-            folds |= dict.fromkeys(sequence[bounds[fold]: bounds[fold + 1]], fold)
+        for speaker in [s for sex in order for s in by_sex[sex]]:
+            folds[speaker] = turn % cfg.folds
+            turn += 1
     return folds
 
 
