@@ -54,7 +54,28 @@ def test_mfcc_statistics_shape_and_short_clips():
     assert short.shape == (80,) and np.isfinite(short).all()
 
 
+def test_a_broken_encoder_install_is_skipped_with_a_note(tiny_run, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_resemblyzer(name, *args, **kwargs):
+        if name == "resemblyzer":
+            raise ImportError("No module named 'pkg_resources'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(baselines, "encoder_available", lambda: True)
+    monkeypatch.setattr(builtins, "__import__", no_resemblyzer)
+    result = reference_baselines(tiny_run)
+    assert set(result.table["representation"]) == {"mfcc"}
+    assert result.notes == ["pretrained speaker encoder skipped: Resemblyzer is installed but cannot be imported "
+                            "(No module named 'pkg_resources')"]
+
+
 def test_encoder_rows_when_the_extra_is_installed(tiny_run):
     pytest.importorskip("resemblyzer")
-    table = reference_baselines(tiny_run).table
-    assert set(table["representation"]) == {"mfcc", "encoder"}
+    table = reference_baselines(tiny_run).table.set_index(["representation", "head", "split"])
+    assert set(table.index.get_level_values(0)) == {"mfcc", "encoder"}
+    for head in ("speaker", "sex"):
+        row = table.loc[("encoder", head, "seen")]
+        assert row["accuracy"] >= row["majority"] + 0.3, (head, row.to_dict())

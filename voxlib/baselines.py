@@ -67,8 +67,11 @@ def _representations(encoder: bool) -> tuple[dict, list[str]]:
     notes = []
     found = {"mfcc": mfcc_statistics}
     if encoder and encoder_available():
-        from resemblyzer import VoiceEncoder  # the optional extra; its weights are part of the wheel
-
+        try:
+            from resemblyzer import VoiceEncoder  # the optional extra; its weights are part of the wheel
+        except ImportError as err:  # installed but broken (e.g. webrtcvad without pkg_resources)
+            notes.append(f"pretrained speaker encoder skipped: Resemblyzer is installed but cannot be imported ({err})")
+            return found, notes
         model = VoiceEncoder(device="cpu", verbose=False)
         found["encoder"] = lambda wave, sr: model.embed_utterance(wave if sr == ENCODER_RATE else
                                                                   load_resampled(wave, sr))
