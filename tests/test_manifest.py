@@ -62,7 +62,7 @@ def test_digest_tracks_manifest_and_file_changes(corpus_copy):
     text = corpus_copy.read_text()
     corpus_copy.write_text(text.replace("north0/north0_001.wav,north0,north,female",
                                         "north0/north0_001.wav,north0,south,female"))
-    relabelled = read_manifest(corpus_copy, progress=False).digest
+    relabelled = read_manifest(corpus_copy, progress=False, label_conflicts="majority").digest  # one row relabelled
     assert relabelled not in (first, touched)
 
 

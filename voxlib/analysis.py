@@ -33,6 +33,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
+from voxlib.corpora.labels import too_few_speakers
 from voxlib.evaluate import (
     HELD_OUT_SPLITS,
     SEEN_SPLITS,
@@ -142,6 +143,35 @@ def clustered_se(per_speaker: pd.Series | np.ndarray) -> float:
     """Standard error of a mean over speakers; infinite with fewer than two speakers (unknowable)."""
     values = np.asarray(per_speaker, dtype=float)
     return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) >= 2 else float("inf")
+
+
+def pooled_over_folds(predictions: pd.DataFrame, head: str = "birthplace", n_boot: int = 2000,
+                      level: float = 0.95, seed: int = 0) -> dict:
+    """Unseen-speaker accuracy pooled over speaker folds, with an interval resampled over speakers.
+
+    ``predictions``: the scored unseen-speaker rows of every fold together, with columns ``fold``,
+    ``speaker``, ``{head}_true`` and ``{head}_pred``. Each speaker is unseen in exactly one fold, so the
+    pooled accuracy counts every held-out utterance once. The interval is a percentile bootstrap that
+    draws whole speakers with replacement (their utterances are not independent evidence), which is
+    what varies when a different set of voices is recorded. Returns ``accuracy, low, high, level, n,
+    speakers, folds, fold_accuracy ({fold: accuracy}), fold_std`` (spread of the per-fold accuracies).
+    """
+    folds_per_speaker = predictions.groupby("speaker")["fold"].nunique()
+    repeated = folds_per_speaker.index[folds_per_speaker > 1].tolist()
+    if repeated:
+        raise ValueError(f"speaker(s) {repeated[:5]} are unseen in more than one fold; folds must be disjoint")
+    if predictions.empty:
+        raise ValueError(f"no unseen-speaker {head} predictions to pool")
+    correct = (predictions[f"{head}_true"] == predictions[f"{head}_pred"]).astype(float)
+    per_speaker = correct.groupby(predictions["speaker"]).agg(["sum", "count"])
+    draws = np.random.default_rng(seed).integers(0, len(per_speaker), size=(n_boot, len(per_speaker)))
+    hits, counts = per_speaker["sum"].to_numpy()[draws].sum(1), per_speaker["count"].to_numpy()[draws].sum(1)
+    low, high = np.quantile(hits / counts, [(1 - level) / 2, (1 + level) / 2])
+    by_fold = correct.groupby(predictions["fold"]).mean()
+    return {"accuracy": float(correct.mean()), "low": float(low), "high": float(high), "level": level,
+            "n": len(correct), "speakers": len(per_speaker), "folds": len(by_fold),
+            "fold_accuracy": {int(f): float(a) for f, a in by_fold.items()},
+            "fold_std": float(by_fold.std(ddof=1)) if len(by_fold) > 1 else float("nan")}
 
 
 # --- 2. seen vs unseen speakers ---------------------------------------------------------------------
@@ -411,16 +441,25 @@ def mean_gradient_share(run: Run) -> pd.Series:
 
 # --- summary numbers, verdict, report ---------------------------------------------------------------
 def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int = 5, probe: bool = True,
-             last_fraction: float = 0.2, probe_result: dict | None = None) -> dict:
+             last_fraction: float = 0.2, probe_result: dict | None = None, confound=None) -> dict:
     """Every headline number of the investigation as one flat dict (NaN / None where unavailable).
 
     ``probe_result``: an already fitted ``linear_probe`` result, so a report does not fit it twice.
+    ``confound``: a ``conditions.confound_check`` result for this run's corpus (it reads the audio, so
+    it is computed by the caller); its row for ``head`` becomes the ``confound_*`` keys.
     """
     run = _as_run(run)
     nan = float("nan")
     out: dict = {"run": run.name, "head": head, "has_head": _has(run, head), "has_speaker_head": _has(run, "speaker")}
     if not out["has_head"]:
         return out
+    found = confound.for_head(head) if confound is not None else None
+    out["confounded"] = bool(found["confounded"]) if found else None
+    if found:
+        out |= {f"confound_{key}": found[key] for key in ("balanced_accuracy", "chance", "low", "high", "strongest")}
+    out["unseen_min_speakers"] = int(run.config.get("unseen_min_speakers", 3))
+    small = too_few_speakers(run.splits, head, out["unseen_min_speakers"])
+    out["too_few_for_unseen"] = [f"{c} ({n})" for c, n in zip(small["class"], small["speakers"])]
     base = baselines(run, head).set_index("set")
     for group in GROUPS:
         row = base.loc[group] if group in base.index else None
@@ -485,6 +524,18 @@ def verdict_from_measures(m: dict) -> list[str]:
         return [f"this run has no {head} head: nothing to explain"]
     lines: list[str] = []
     causes = 0  # rules that point to a cause; none firing means the evidence is mixed
+    if m.get("confounded"):  # before any other explanation: every number below may be about the channel
+        causes += 1
+        lines.append(f"{head} is confounded with recording conditions: a classifier on recording conditions alone "
+                     f"(no speech content) reaches balanced accuracy {_pct(m['confound_balanced_accuracy'])} "
+                     f"[{_pct(m['confound_low'])}, {_pct(m['confound_high'])}] on held-out speakers vs "
+                     f"{_pct(m['confound_chance'])} for the majority class (most tied: {m['confound_strongest']}); "
+                     f"what the model learned about {head} may be the recording set-up, so read what follows with "
+                     "that confound in mind")
+    if m.get("too_few_for_unseen"):
+        lines.append(f"{len(m['too_few_for_unseen'])} {head} class(es) have fewer than {m['unseen_min_speakers']} "
+                     f"speakers and are never among the unseen speakers, so the unseen-speaker numbers say nothing "
+                     f"about them: {', '.join(m['too_few_for_unseen'])}")
     ok = lambda *keys: all(k in m and m[k] is not None and not (isinstance(m[k], float) and math.isnan(m[k]))
                            for k in keys)  # noqa: E731
 
@@ -603,7 +654,7 @@ def verdict_markdown(lines: Sequence[str], title: str = "Verdict") -> str:
 
 
 def birthplace_report(run: Run | str | Path, head: str = "birthplace", min_speakers: int = 5,
-                      project: bool = True, probe: bool = True, seed: int = 0) -> dict:
+                      project: bool = True, probe: bool = True, seed: int = 0, confound=None) -> dict:
     """Every table and number of the investigation, for notebook 03.
 
     Keys that cannot be computed for this run (no such head, no speaker head, no embeddings, no
@@ -650,7 +701,8 @@ def birthplace_report(run: Run | str | Path, head: str = "birthplace", min_speak
     report["loss_trend"] = loss_trend(run, head)
     report["gradient_share"] = gradient_share(run)
     report["mean_gradient_share"] = mean_gradient_share(run)
-    report["measures"] = measures(run, head, min_speakers, probe=probe, probe_result=report["probe"])
+    report["measures"] = measures(run, head, min_speakers, probe=probe, probe_result=report["probe"],
+                                  confound=confound)
     report["verdict"] = verdict_from_measures(report["measures"])
     report["verdict_markdown"] = verdict_markdown(report["verdict"])
     return report

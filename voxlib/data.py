@@ -39,7 +39,8 @@ def make_splits(table: pd.DataFrame, cfg) -> pd.Series:
 
     A non-empty ``split`` column in the manifest wins (every row must then name a valid split).
     Otherwise: ``unseen_per_class`` whole speakers of each birthplace with at least
-    ``unseen_min_speakers`` speakers go to unseen_val/unseen_test (half each, by recording); of every
+    ``unseen_min_speakers`` speakers (with ``folds > 1``: fold ``fold``'s share of them, see
+    :func:`unseen_folds`) go to unseen_val/unseen_test (half each, by recording); of every
     other speaker, ``val_fraction``/``test_fraction`` of the utterances go to seen_val/seen_test, whole
     recordings at a time so segments of one file never straddle train and test, and at least one
     recording always stays in train.
@@ -75,10 +76,31 @@ def _manifest_splits(table: pd.DataFrame) -> pd.Series:
 
 
 def _choose_unseen(table: pd.DataFrame, cfg) -> set[str]:
-    """Whole speakers held out per birthplace, alternating sexes so both stay represented."""
-    chosen: set[str] = set()
+    """The whole speakers held out in this run: those of fold ``cfg.fold``."""
+    return {speaker for speaker, fold in unseen_folds(table, cfg).items() if fold == cfg.fold}
+
+
+def unseen_folds(table: pd.DataFrame, cfg) -> dict[str, int]:
+    """The fold in which each held-out speaker is unseen; speakers never held out are absent.
+
+    Per birthplace class with at least ``max(unseen_min_speakers, 2)`` speakers, the speakers are put in
+    a seeded order that alternates sexes (a class starts with a different sex than its neighbour, so
+    one speaker per class still mixes sexes across classes).
+
+    - ``folds=1``: the first ``min(unseen_per_class, n - 1)`` speakers of that order are unseen (the
+      single split; a class always keeps a seen speaker).
+    - ``folds=K >= 2``: *every* speaker of the class is unseen in exactly one fold. Speakers are dealt
+      to folds in turn, one sex of a class after the other, the turn carrying on from class to class:
+      so within a class the folds' shares differ by at most one speaker and each sex is spread over the
+      folds, and across classes the folds' totals differ by at most one. A class with fewer speakers
+      than folds is absent from some folds. A fold holds out at most ``ceil(n / K) <= n - 1`` speakers
+      of a class, so every class keeps a seen speaker in every fold; ``unseen_per_class`` only
+      switches the unseen split off when 0.
+    """
+    folds: dict[str, int] = {}
+    turn = 0  # the next fold to deal a speaker to (folds >= 2)
     if cfg.unseen_per_class <= 0:
-        return chosen
+        return folds
     # without a birthplace column (JVS) the held-out speakers are drawn from the whole corpus
     stratum = "birthplace" if "birthplace" in table.columns else None
     speakers = table.drop_duplicates("speaker").assign(_all="all")[["speaker", stratum or "_all", "sex"]]
@@ -90,14 +112,16 @@ def _choose_unseen(table: pd.DataFrame, cfg) -> set[str]:
         sexes = sorted(by_sex)
         # start with a different sex in alternate classes, so one-per-class still mixes sexes
         order = sexes[k % len(sexes):] + sexes[: k % len(sexes)]
-        n = min(cfg.unseen_per_class, len(group) - 1)  # a class always keeps a seen speaker
-        taken = 0
-        while taken < n:
-            for sex in order:
-                if by_sex[sex] and taken < n:
-                    chosen.add(by_sex[sex].pop(0))
-                    taken += 1
-    return chosen
+        if cfg.folds == 1:
+            sequence = []
+            while any(by_sex.values()):
+                sequence += [by_sex[sex].pop(0) for sex in order if by_sex[sex]]
+            folds |= dict.fromkeys(sequence[: min(cfg.unseen_per_class, len(group) - 1)], 0)
+            continue
+        for speaker in [s for sex in order for s in by_sex[sex]]:
+            folds[speaker] = turn % cfg.folds
+            turn += 1
+    return folds
 
 
 def _recordings(group: pd.DataFrame, rng: np.random.Generator, by_recording: bool = True) -> list[pd.Index]:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from voxlib.audio import load_audio, segment_frames
 from voxlib.config import outputs_dir
+from voxlib.corpora.labels import check_labels
 
 __all__ = ["Manifest", "ManifestError", "read_manifest", "load_audio", "SEX_TOKENS", "SILENCE_PEAK"]
 
@@ -361,6 +362,8 @@ def read_manifest(
     workers: int | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
+    speaker_labels: tuple[str, ...] | list[str] = ("birthplace", "sex"),
+    label_conflicts: str = "stop",
 ) -> Manifest:
     """Read and validate ``path``; raise one ManifestError listing every problem.
 
@@ -369,6 +372,8 @@ def read_manifest(
     ``n_fft`` define "too short" (less than one STFT frame after resampling). ``workers``: processes
     for decoding (None = all cores for corpora of at least 400 rows). Validation results are stored
     under ``cache_dir/validation`` (default outputs/cache) unless ``use_cache=False``.
+    ``speaker_labels``: columns that must be constant per speaker; a speaker whose rows disagree is a
+    problem that always stops, unless ``label_conflicts="majority"`` (see corpora/labels.py).
     """
     if on_bad_file not in ("stop", "skip"):
         raise ValueError(f"on_bad_file must be 'stop' or 'skip', got {on_bad_file!r}")
@@ -441,9 +446,17 @@ def read_manifest(
             problems.append((number, records[number]["rel_path"], probe["problem"]))
     problems.sort(key=lambda p: p[0])
 
-    if problems and on_bad_file == "stop":
-        raise ManifestError(source, problems)
     rejected_rows = {p[0] for p in problems}
+    # Per-speaker labels and class spellings, judged on the rows that will be used (corpora/labels.py).
+    usable = [n for n in sorted(records) if n not in rejected_rows]
+    labelled = check_labels(pd.DataFrame([records[n] for n in usable], index=usable), labels,
+                            list(speaker_labels), label_conflicts)
+    label_problems = [(0, "", p) for p in labelled.problems]
+    if (problems and on_bad_file == "stop") or label_problems:
+        raise ManifestError(source, (problems if on_bad_file == "stop" else []) + label_problems)
+    for number, values in labelled.table[labels].iterrows():
+        records[number].update(values.to_dict())
+    notices += labelled.notices
     kept = [records[n] for n in sorted(records) if n not in rejected_rows]
     if not kept:
         raise ManifestError(source, problems + [(0, "", "no usable rows left after skipping bad ones")])

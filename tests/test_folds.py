@@ -1,0 +1,108 @@
+"""Speaker folds: every eligible speaker unseen exactly once; the pooled estimate and its interval."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from voxlib.analysis import pooled_over_folds
+from voxlib.config import Config
+from voxlib.data import make_splits, unseen_folds
+
+
+def corpus_table(sizes: dict[str, int], utterances: int = 4) -> pd.DataFrame:
+    rows = []
+    for place, n in sizes.items():
+        for s in range(n):
+            for u in range(utterances):
+                rows.append({"path": f"/c/{place}{s}_{u}.wav", "speaker": f"{place}{s}", "birthplace": place,
+                             "sex": "female" if s % 2 == 0 else "male", "split": ""})
+    table = pd.DataFrame(rows)
+    table["row"] = np.arange(1, len(table) + 1)
+    return table
+
+
+SIZES = {"a": 6, "b": 5, "c": 3, "d": 2, "e": 1}  # with unseen_min_speakers=3, d and e are never held out
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_folds_hold_out_every_eligible_speaker_exactly_once(k):
+    table = corpus_table(SIZES)
+    speakers = table.drop_duplicates("speaker").set_index("speaker")
+    unseen_in = {}
+    for fold in range(k):
+        splits = make_splits(table, Config(folds=k, fold=fold))
+        per_speaker = pd.crosstab(table["speaker"], splits.str.startswith("unseen"))
+        unseen = set(per_speaker.index[per_speaker.get(True, 0) > 0])
+        assert all((splits[table["speaker"] == s].str.startswith("unseen")).all() for s in unseen)  # whole speakers
+        for s in unseen:
+            assert s not in unseen_in, f"{s} unseen in folds {unseen_in[s]} and {fold}"
+            unseen_in[s] = fold
+        trained = set(table.loc[splits == "train", "speaker"])
+        assert set(speakers.loc[list(trained), "birthplace"]) == set(SIZES)  # every class keeps a seen speaker
+    eligible = set(speakers.index[speakers["birthplace"].isin(["a", "b", "c"])])
+    assert set(unseen_in) == eligible
+    assert unseen_folds(table, Config(folds=k)) == unseen_in
+    # per class, the folds' shares differ by at most one speaker
+    for place in ("a", "b", "c"):
+        counts = pd.Series([unseen_in[s] for s in unseen_in if speakers.at[s, "birthplace"] == place])
+        counts = counts.value_counts().reindex(range(k), fill_value=0)
+        assert counts.max() - counts.min() <= 1 and counts.sum() == SIZES[place]
+
+
+def test_folds_mix_sexes_and_spread_the_larger_shares():
+    table = corpus_table({"a": 3, "b": 3, "c": 3, "d": 3})
+    folds = pd.Series(unseen_folds(table, Config(folds=2)))
+    sexes = table.drop_duplicates("speaker").set_index("speaker")["sex"]
+    for fold in (0, 1):
+        held = folds.index[folds == fold]
+        assert set(sexes[held]) == {"female", "male"}
+    # each class splits 2 + 1; the class index rotates which fold gets the 2, so the folds are even
+    assert folds.value_counts().tolist() == [6, 6]
+
+
+def test_one_fold_is_the_single_split():
+    table = corpus_table(SIZES)
+    single = make_splits(table, Config())
+    assert single.equals(make_splits(table, Config(folds=1, fold=0)))
+    held = set(unseen_folds(table, Config()))
+    assert len(held) == 3 and held == set(table.loc[single.str.startswith("unseen"), "speaker"])
+
+
+def predictions(per_speaker: dict[str, tuple[int, int, int]]) -> pd.DataFrame:
+    """speaker -> (fold, right, wrong) as rows of birthplace predictions."""
+    rows = []
+    for speaker, (fold, right, wrong) in per_speaker.items():
+        rows += [{"fold": fold, "speaker": speaker, "birthplace_true": "x", "birthplace_pred": "x"}] * right
+        rows += [{"fold": fold, "speaker": speaker, "birthplace_true": "x", "birthplace_pred": "y"}] * wrong
+    return pd.DataFrame(rows)
+
+
+def test_pooled_estimate_counts_every_utterance_once_and_reports_each_fold():
+    table = predictions({"s1": (0, 3, 1), "s2": (0, 2, 2), "s3": (1, 0, 4), "s4": (1, 4, 0), "s5": (2, 1, 3)})
+    pooled = pooled_over_folds(table, n_boot=500)
+    assert pooled["accuracy"] == pytest.approx(10 / 20)
+    assert pooled["fold_accuracy"] == {0: pytest.approx(5 / 8), 1: pytest.approx(4 / 8), 2: pytest.approx(1 / 4)}
+    assert pooled["fold_std"] == pytest.approx(np.std([5 / 8, 1 / 2, 1 / 4], ddof=1))
+    assert (pooled["n"], pooled["speakers"], pooled["folds"]) == (20, 5, 3)
+    assert pooled["low"] < pooled["accuracy"] < pooled["high"]
+    assert pooled == pooled_over_folds(table, n_boot=500)  # seeded
+
+
+def test_interval_is_resampled_over_speakers_not_utterances():
+    # every speaker at exactly 75 %: any draw of speakers gives 75 %, however few utterances
+    same = pooled_over_folds(predictions({f"s{i}": (i % 2, 3, 1) for i in range(6)}))
+    assert same["low"] == same["high"] == same["accuracy"] == 0.75
+    # two speakers, one always right, one always wrong, equal sizes: a draw of two speakers gives
+    # 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so the 95 % interval is [0, 1] ...
+    split = pooled_over_folds(predictions({"right": (0, 50, 0), "wrong": (1, 0, 50)}), n_boot=4000)
+    assert (split["accuracy"], split["low"], split["high"]) == (0.5, 0.0, 1.0)
+    # ... while an utterance-level interval on the same 100 rows would be about +-10 %
+    many = pooled_over_folds(predictions({f"s{i}": (i % 3, 50 * (i % 2), 50 * (1 - i % 2)) for i in range(40)}))
+    assert many["accuracy"] == 0.5 and 0.3 < many["low"] < 0.45 and 0.55 < many["high"] < 0.7
+
+
+def test_a_speaker_in_two_folds_is_refused():
+    table = pd.concat([predictions({"s1": (0, 1, 1)}), predictions({"s1": (1, 1, 0)})])
+    with pytest.raises(ValueError, match=r"\['s1'\] are unseen in more than one fold"):
+        pooled_over_folds(table)
