@@ -111,6 +111,11 @@ def test_mel_bank_has_no_empty_band_and_a_sine_lands_in_the_right_band():
 
 
 # --- the cache -----------------------------------------------------------------------------------
+def cache_entries(root) -> list[str]:
+    """What a cache folder holds besides its build locks (which stay, like any lock file)."""
+    return sorted(p.name for p in root.iterdir() if p.name != ".locks")
+
+
 def test_cache_builds_once_and_serves_the_spectrograms(tiny_corpus, tmp_path, monkeypatch):
     m = read_manifest(tiny_corpus, progress=False)
     cfg = Config(cache_dir=str(tmp_path / "cache"))
@@ -167,7 +172,7 @@ def test_disk_full_in_a_pool_worker_names_the_file_and_leaves_no_temp_folder(tin
     with pytest.raises(OSError) as info:
         FeatureCache(m, Config(cache_dir=str(tmp_path / "cache")), workers=2, progress=False)
     assert info.value.errno == errno.ENOSPC and "(disk full)" in str(info.value) and "features.f16" in str(info.value)
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert cache_entries(tmp_path / "cache") == []
 
 
 def test_key_changes_with_settings_and_corpus_and_says_why(corpus_copy, tmp_path, caplog):
@@ -177,6 +182,7 @@ def test_key_changes_with_settings_and_corpus_and_says_why(corpus_copy, tmp_path
     assert features.cache_key(m, Config(cache_dir=cfg.cache_dir, top_db=60.0)) != first.key
     assert features.cache_key(m, Config(cache_dir=cfg.cache_dir, feature="mel")) != first.key
     assert features.cache_key(m, Config(cache_dir=cfg.cache_dir, eval_crops=5)) == first.key  # crops taken later
+    assert features.cache_key(m, Config(cache_dir=cfg.cache_dir, epochs=3)) == first.key  # a learning setting
     clip = corpus_copy.parent / "west_is_new.wav"
     sf.write(clip, sine(300, 0.3), SR)
     with corpus_copy.open("a") as fh:
@@ -213,7 +219,7 @@ def test_disk_full_leaves_existing_cache_intact_and_no_temp_folder(corpus_copy, 
     message = str(info.value)
     assert "No space left on device (disk full)" in message and "features.f16" in message
     assert str(tmp_path / "cache") in message and "existing caches" in message
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [good.key]  # temp folder removed
+    assert cache_entries(tmp_path / "cache") == [good.key]  # temp folder removed
     assert (good.path / "features.f16").read_bytes() == before
     reopened = FeatureCache(original, cfg, progress=False)  # opens, does not rebuild
     assert reopened.path == good.path and np.array_equal(reopened.get(0), good.get(0))
@@ -237,7 +243,7 @@ def test_interrupted_builds_are_detected_and_rebuilt(tiny_corpus, tmp_path, capl
         cache = FeatureCache(m, cfg, workers=1, progress=False)
     assert "incomplete (interrupted build?); rebuilding" in caplog.text
     assert "left by an interrupted feature-cache build" in caplog.text
-    assert sorted(p.name for p in root.iterdir()) == [key]
+    assert cache_entries(root) == [key]
     assert len(cache) == 72 and cache.get(3).max() > 0.5
     # A truncated features file (size disagrees with meta.json) is also treated as incomplete.
     with open(cache.path / "features.f16", "r+b") as fh:

@@ -20,6 +20,7 @@ audio: see ``FeatureCache``.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -33,8 +34,9 @@ import shutil
 import sys
 import time
 import warnings
+import zlib
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -48,11 +50,13 @@ from voxlib.audio import load_audio
 from voxlib.checkpoint import fsync_dir
 from voxlib.config import Config, outputs_dir, usable_cores
 from voxlib.heap import trim_before_fork
+from voxlib.lock import LockedError, exclusive_lock
+from voxlib.signals import process_pool, terminate_as_interrupt
 
 log = logging.getLogger(__name__)
 
 N_MELS = 256
-FORMAT_VERSION = 1  # bump when the transform or the file layout changes: old caches get a new key
+FORMAT_VERSION = 2  # bump when the transform or the file layout changes: old caches get a new key (2: crc32 per row)
 _PIECE_FRAMES = 2048  # frames per STFT piece (bounds memory for long recordings)
 _MIN_POWER = 1e-30  # floor before log10 (a normal float32); anything this small maps to 0 anyway
 _CHUNK_ROWS = 16  # clips per work item of a pool build (at least 4 items per worker)
@@ -191,8 +195,12 @@ def _cache_root(cfg: Config) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else outputs_dir() / "cache"
 
 
-def _features_chunk(jobs: list[tuple[str, float, float]], cfg: Config) -> tuple[list[int], np.ndarray]:
-    """Decode and transform a few rows: (frames per row, one time-major float16 block ``(sum, n_bins)``)."""
+def _features_chunk(jobs: list[tuple[str, float, float]], cfg: Config, position: int = 0
+                    ) -> tuple[list[int], list[int], np.ndarray]:
+    """Decode and transform a few rows, the first at index ``position``.
+
+    Returns (frames per row, ``row_checksum`` per row, one time-major float16 block ``(sum, n_bins)``).
+    """
     waves = [load_audio(path, cfg.sample_rate, start, end) for path, start, end in jobs]
     specs = spectrogram_batch(waves, cfg)
     lengths = [s.shape[1] for s in specs]
@@ -201,7 +209,21 @@ def _features_chunk(jobs: list[tuple[str, float, float]], cfg: Config) -> tuple[
     for spec, frames in zip(specs, lengths):
         block[first: first + frames].copy_(spec.T)
         first += frames
-    return lengths, block.numpy()
+    block = block.numpy()
+    ends = np.cumsum(lengths).tolist()
+    checksums = [row_checksum(block[stop - frames: stop], position + k)
+                 for k, (frames, stop) in enumerate(zip(lengths, ends))]
+    return lengths, checksums, block
+
+
+def row_checksum(frames: np.ndarray, position: int) -> int:
+    """crc32 of a row's float16 bytes, started from the row's index position.
+
+    Starting from the position (crc32 is linear, so distinct starts give distinct sums for the same
+    bytes) makes a row's frames served at another row's place fail too, e.g. after two rows' offsets
+    were swapped in index.csv. zlib's crc32 reads a 200 kB row in well under a millisecond.
+    """
+    return zlib.crc32(frames, position & 0xFFFFFFFF)
 
 
 # A pool worker's handle on the file being built: its descriptor and the shared count of frames placed.
@@ -214,14 +236,15 @@ def _worker_init(path: str, placed) -> None:
     _SHARED_FILE.update(fd=os.open(path, os.O_WRONLY), placed=placed)
 
 
-def _features_into_file(jobs: list[tuple[str, float, float]], cfg: Config) -> tuple[list[int], int]:
+def _features_into_file(jobs: list[tuple[str, float, float]], cfg: Config, position: int
+                        ) -> tuple[list[int], list[int], int]:
     """Pool-worker form of ``_features_chunk``: write the block into the shared features file.
 
     The block goes to the next free frames, reserved under a lock, and only ``(frames per row,
-    first frame)`` travels back. Sending the ~200 kB per clip back through a pipe instead cost the
+    crc32 per row, first frame)`` travels back. Sending the ~200 kB per clip back through a pipe instead cost the
     parent process about a third of a worker's CPU time, taken from the same cores.
     """
-    lengths, block = _features_chunk(jobs, cfg)
+    lengths, checksums, block = _features_chunk(jobs, cfg, position)
     placed = _SHARED_FILE["placed"]
     with placed.get_lock():
         first = placed.value
@@ -231,12 +254,16 @@ def _features_into_file(jobs: list[tuple[str, float, float]], cfg: Config) -> tu
     while data:
         written = os.pwrite(_SHARED_FILE["fd"], data, position)
         data, position = data[written:], position + written
-    return lengths, first
+    return lengths, checksums, first
 
 
 def _write_block(fh, block: np.ndarray) -> None:
     """Append a block of frames to features.f16 (in-process builds; a single point to fail, e.g. on a full disk)."""
     fh.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+
+
+class FeatureCacheError(RuntimeError):
+    """The cache on disk is not what was built (bytes or index changed); the message names the cache and row."""
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -250,71 +277,155 @@ def _read_meta(folder: Path) -> dict | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_INDEX_COLUMNS = ("offset", "n_frames", "row", "crc32")
+
+
+def index_problem(index: pd.DataFrame, total_frames: int, rows: np.ndarray) -> str | None:
+    """What is wrong with index.csv for a features file of ``total_frames`` and these manifest rows, or None.
+
+    The rows must tile features.f16 exactly (every frame belongs to one row, none reaches past the
+    end) and name the manifest's rows in its order, so a swapped, shifted or truncated index is found
+    before any frame is read. The frames themselves are checked by each row's crc32 when first read.
+    """
+    missing = [c for c in _INDEX_COLUMNS if c not in index.columns]
+    if missing:
+        return f"index.csv lacks column(s) {', '.join(missing)}"
+    if len(index) != len(rows):
+        return f"index.csv has {len(index)} rows, the manifest {len(rows)}"
+    not_whole = [c for c in _INDEX_COLUMNS if not pd.api.types.is_integer_dtype(index[c])]
+    if not_whole:
+        return f"index.csv column(s) {', '.join(not_whole)} hold values that are not whole numbers"
+    offsets, lengths = index["offset"].to_numpy(np.int64), index["n_frames"].to_numpy(np.int64)
+    stops = offsets + lengths
+    outside = np.flatnonzero((offsets < 0) | (lengths < 1) | (stops > total_frames))
+    if outside.size:
+        i = int(outside[0])
+        return (f"index row {i} (manifest row {rows[i]}) spans frames {offsets[i]}..{stops[i]}, "
+                f"outside features.f16's {total_frames} frames")
+    order = np.argsort(offsets, kind="stable")
+    starts, ends = offsets[order], stops[order]
+    seams = np.flatnonzero(starts[1:] != ends[:-1])
+    if len(rows) and (starts[0] != 0 or ends[-1] != total_frames or seams.size):
+        where = 0 if starts[0] != 0 else int(ends[seams[0]]) if seams.size else int(ends[-1])
+        return f"index rows do not tile features.f16 (a gap or an overlap at frame {where})"
+    moved = np.flatnonzero(index["row"].to_numpy(np.int64) != rows)
+    if moved.size:
+        i = int(moved[0])
+        return f"index row {i} is for manifest row {index['row'].iloc[i]}, the manifest has row {rows[i]} there"
+    crc = index["crc32"].to_numpy(np.int64)
+    if ((crc < 0) | (crc > 0xFFFFFFFF)).any():
+        return "index.csv column crc32 holds values that are not 32-bit checksums"
+    return None
 
 
 class FeatureCache:
     """Spectrograms of every manifest row in one float16 memory map, built once and shared by runs.
 
     Layout under ``cache_dir/<key>/``: ``features.f16`` (all rows' frames concatenated, time-major
-    ``(total_frames, n_bins)``), ``index.csv`` (``offset,n_frames,row`` per manifest row) and
+    ``(total_frames, n_bins)``), ``index.csv`` (``offset,n_frames,row,crc32`` per manifest row) and
     ``meta.json`` (settings, digest, sizes; written last, it marks the folder complete).
 
     The build writes into a temp folder beside the final one, fsyncs, and renames it into place,
     so a reader sees a complete cache or none; a leftover temp folder or a folder without a valid
-    meta.json is discarded and rebuilt. Rows are decoded in chunks by a process pool whose workers
-    write each finished chunk straight into features.f16 (so chunks sit in the order they finished,
-    and only ``index.csv`` says where a row is); memory stays flat however large the corpus. A
-    corpus change changes
-    ``manifest.digest`` and therefore the key: stale features are never served.
+    meta.json is discarded and rebuilt. One process builds a key at a time (a lock under
+    ``cache_dir/.locks/``; a second one waits, and a lock of a dead process frees itself). Rows are
+    decoded in chunks by a process pool whose workers write each finished chunk straight into
+    features.f16 (so chunks sit in the order they finished, and only ``index.csv`` says where a row
+    is); memory stays flat however large the corpus. A corpus change changes ``manifest.digest`` and
+    therefore the key: stale features are never served.
+
+    Damage after the build is never trained on: opening checks that the index tiles features.f16
+    and matches meta.json and the manifest (else the cache is rebuilt), and with ``verify`` (the
+    default) each row's bytes are checked against the crc32 stored at build time the first time the
+    row is read in a process (``FeatureCacheError`` names the cache and the row).
     """
 
-    def __init__(self, manifest, cfg: Config, workers: int | None = None, progress: bool = True):
+    def __init__(self, manifest, cfg: Config, workers: int | None = None, progress: bool = True,
+                 verify: bool = True):
         self.key = cache_key(manifest, cfg)
         self.path = _cache_root(cfg) / self.key
-        meta = _read_meta(self.path)
-        if meta is None:
-            if self.path.exists():
-                log.warning("feature cache %s is incomplete (interrupted build?); rebuilding it", self.path)
-            self._build(manifest, cfg, workers, progress)
-            meta = _read_meta(self.path)
-            if meta is None:
-                raise RuntimeError(f"feature cache {self.path} failed its completeness check right after the build")
-        else:
+        self.verify = verify
+        rows = manifest.table["row"].to_numpy(np.int64)
+        try:
+            meta, index = self._open(rows)
             log.info("using feature cache %s", self.path)
-        if meta["n_rows"] != len(manifest.table):
-            raise RuntimeError(f"feature cache {self.path} has {meta['n_rows']} rows, the manifest {len(manifest.table)}")
+        except FeatureCacheError as unusable:
+            with terminate_as_interrupt(), self._build_lock():
+                try:  # another process may have built it while this one waited for the lock
+                    meta, index = self._open(rows)
+                except FeatureCacheError:
+                    if self.path.exists():
+                        log.warning("feature cache %s; rebuilding it", unusable)
+                    self._build(manifest, cfg, workers, progress)
+                    meta, index = self._open(rows)
         self.meta = meta
         self.n_bins = int(meta["settings"]["n_bins"])
-        index = pd.read_csv(self.path / "index.csv")
         self.offsets = index["offset"].to_numpy(np.int64)
         self.lengths = index["n_frames"].to_numpy(np.int64)
+        self.rows = rows
+        self.checksums = index["crc32"].to_numpy(np.int64)
+        self._verified = np.zeros(len(rows), dtype=bool)
         self._features: np.memmap | None = None
 
     @classmethod
-    def build_or_open(cls, manifest, cfg: Config, workers: int | None = None, progress: bool = True) -> "FeatureCache":
+    def build_or_open(cls, manifest, cfg: Config, workers: int | None = None, progress: bool = True,
+                      verify: bool = True) -> "FeatureCache":
         """Open the cache for (corpus, settings), building it first if it does not exist yet."""
-        return cls(manifest, cfg, workers=workers, progress=progress)
+        return cls(manifest, cfg, workers=workers, progress=progress, verify=verify)
+
+    def _open(self, rows: np.ndarray) -> tuple[dict, pd.DataFrame]:
+        """meta.json and index.csv of a complete, structurally sound cache; else FeatureCacheError saying why."""
+        meta = _read_meta(self.path)
+        if meta is None:
+            raise FeatureCacheError(f"{self.path} is incomplete (interrupted build?)")
+        try:
+            index = pd.read_csv(self.path / "index.csv")
+        except (OSError, ValueError) as err:
+            raise FeatureCacheError(f"{self.path} is damaged: index.csv unreadable ({err})") from None
+        if meta["n_rows"] != len(rows):
+            raise FeatureCacheError(f"{self.path} is damaged: meta.json says {meta['n_rows']} rows, "
+                                    f"the manifest has {len(rows)}")
+        problem = index_problem(index, int(meta["total_frames"]), rows)
+        if problem:
+            raise FeatureCacheError(f"{self.path} is damaged: {problem}")
+        return meta, index
+
+    def _build_lock(self) -> contextlib.ExitStack:
+        """Hold this key's build lock; if another process holds it, say who and wait for it."""
+        locks = self.path.parent / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        lock, what = locks / f"{self.key}.lock", f"feature cache {self.path}"
+        held = contextlib.ExitStack()
+        try:
+            held.enter_context(exclusive_lock(lock, what))
+        except LockedError as busy:
+            log.warning("%s; waiting for that build", busy)
+            held.enter_context(exclusive_lock(lock, what, wait_s=-1))
+        return held
 
     # --- reading ---------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.offsets)
 
     def get(self, i: int) -> np.ndarray:
-        """Row ``i``'s spectrogram as float32 ``(n_bins, n_frames_i)``."""
+        """Row ``i``'s spectrogram as float32 ``(n_bins, n_frames_i)``; its bytes checked on first read."""
         i = range(len(self))[i]
         if self._features is None:
             self._features = np.memmap(self.path / "features.f16", dtype=np.float16, mode="r",
                                        shape=(int(self.meta["total_frames"]), self.n_bins))
         start = self.offsets[i]
-        return np.ascontiguousarray(self._features[start: start + self.lengths[i]].T, dtype=np.float32)
+        frames = self._features[start: start + self.lengths[i]]
+        if self.verify and not self._verified[i]:
+            self._check_row(i, frames)
+        return np.ascontiguousarray(frames.T, dtype=np.float32)
+
+    def _check_row(self, i: int, frames: np.ndarray) -> None:
+        if row_checksum(frames, i) != self.checksums[i]:
+            raise FeatureCacheError(
+                f"feature cache {self.path}: row {i} (manifest row {self.rows[i]}) does not match the checksum "
+                f"stored when it was built (features.f16 or index.csv changed on disk); delete {self.path} "
+                f"and re-run to rebuild it")
+        self._verified[i] = True
 
     def __getstate__(self) -> dict:
         # Data-loader workers get the index, not a copy of the memory map; they reopen it lazily.
@@ -322,8 +433,8 @@ class FeatureCache:
 
     # --- building --------------------------------------------------------------------------------
     def _build(self, manifest, cfg: Config, workers: int | None, progress: bool) -> None:
+        """Build into a temp folder and rename it into place; the caller holds the build lock."""
         root = self.path.parent
-        root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temps(root)
         self._note_corpus_change(root, manifest, cfg)
         tmp = root / f".{self.key}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -331,9 +442,10 @@ class FeatureCache:
         target = tmp / "features.f16"
         started = time.perf_counter()
         try:
-            offsets, lengths = self._write_features(manifest, cfg, target, workers, progress)
+            offsets, lengths, checksums = self._write_features(manifest, cfg, target, workers, progress)
             target = tmp / "index.csv"
-            index = pd.DataFrame({"offset": offsets, "n_frames": lengths, "row": manifest.table["row"].to_numpy()})
+            index = pd.DataFrame({"offset": offsets, "n_frames": lengths, "row": manifest.table["row"].to_numpy(),
+                                  "crc32": checksums})
             _write_text(target, index.to_csv(index=False))
             target = tmp / "meta.json"
             meta = {
@@ -376,12 +488,15 @@ class FeatureCache:
         bar = tqdm(total=len(jobs), desc=f"features {manifest.name}", unit="clip", disable=not progress)
         offsets: list[int] = []
         lengths: list[int] = []
+        checksums: list[int] = []
         row_bytes, unsynced, flushing = n_bins(cfg) * 2, 0, None
-        with open(target, "wb") as fh, ThreadPoolExecutor(1) as syncer:
-            results = self._chunk_results(chunks, cfg, workers, fh) if workers > 1 else self._in_process(chunks, cfg, fh)
-            for frames, first in results:
+        with open(target, "wb") as fh, ThreadPoolExecutor(1) as syncer, contextlib.closing(
+                self._chunk_results(chunks, cfg, workers, fh) if workers > 1 else self._in_process(chunks, cfg, fh)
+        ) as results:  # closing: an interrupt in this loop stops the pool's workers at once
+            for frames, sums, first in results:
                 offsets.extend((first + np.cumsum([0] + frames[:-1])).tolist())
                 lengths.extend(frames)
+                checksums.extend(sums)
                 bar.update(len(frames))
                 unsynced += sum(frames) * row_bytes
                 if workers > 1 and unsynced >= _SYNC_BYTES and (flushing is None or flushing.done()):
@@ -397,66 +512,63 @@ class FeatureCache:
         expected = sum(lengths) * row_bytes
         if size != expected:
             raise OSError(errno.EIO, f"{target} holds {size} bytes after the build, expected {expected}")
-        return offsets, lengths
+        return offsets, lengths, checksums
 
     @staticmethod
     def _in_process(chunks: list, cfg: Config, fh):
-        """Yield ``(frames per row, first frame)`` per chunk, computing and appending here in order."""
+        """Yield ``(frames per row, crc32 per row, first frame)`` per chunk, computing and appending here in order."""
         # One intra-op thread here too: on a busy machine torch's thread pool spins and stalls.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        first = 0
+        first, position = 0, 0
         try:
             for chunk in chunks:
-                frames, block = _features_chunk(chunk, cfg)
+                frames, checksums, block = _features_chunk(chunk, cfg, position)
+                position += len(chunk)
                 _write_block(fh, block)
-                yield frames, first
+                yield frames, checksums, first
                 first += len(block)
         finally:
             torch.set_num_threads(threads)
 
     @staticmethod
     def _chunk_results(chunks: list, cfg: Config, workers: int, fh):
-        """Yield ``(frames per row, first frame)`` per chunk, in chunk order, from a process pool.
+        """Yield ``(frames per row, crc32 per row, first frame)`` per chunk, in chunk order, from a process pool.
 
         Workers write straight into ``fh``'s file (``_features_into_file``), so a chunk's place in it
         is the order in which chunks finish; index.csv records where each row went. At most 2 chunks
-        per worker are in flight, so memory stays flat however large the corpus.
+        per worker are in flight, so memory stays flat however large the corpus. The workers end
+        with the parent and are terminated on any exception or interrupt (``voxlib.signals``).
         """
         # fork starts workers in milliseconds; elsewhere (macOS, Windows) the platform default.
         context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
         placed = context.Value("q", 0)
         trim_before_fork()
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                 initargs=(fh.name, placed)) as pool:
+        with process_pool(workers, context, _worker_init, (fh.name, placed)) as pool:
             pending: deque = deque()
+            position = 0
             for number, chunk in enumerate(chunks):
-                pending.append(pool.submit(_features_into_file, chunk, cfg))
+                pending.append(pool.submit(_features_into_file, chunk, cfg, position))
+                position += len(chunk)
                 while len(pending) >= 2 * workers or (pending and number == len(chunks) - 1):
                     yield pending.popleft().result()
 
     def _install(self, tmp: Path) -> None:
-        """Rename the finished temp folder into place; a concurrent builder may have won the race."""
-        if self.path.exists() and _read_meta(self.path) is None:
-            shutil.rmtree(self.path, ignore_errors=True)
-        try:
-            os.rename(tmp, self.path)
-        except OSError:
-            if _read_meta(self.path) is None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # identical content already installed by another process
+        """Rename the finished temp folder into place, replacing an incomplete or damaged folder there."""
+        if self.path.exists():
+            # Under the build lock the folder there failed its checks; move it aside first (a
+            # directory cannot be renamed onto a non-empty one) and delete it.
+            doomed = self.path.parent / f".{self.key}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(self.path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(tmp, self.path)
         fsync_dir(self.path.parent)
 
     def _remove_stale_temps(self, root: Path) -> None:
-        """Delete temp folders of this key left by builds whose process no longer runs."""
+        """Delete temp folders of this key: with the build lock held, any that exist were left by a dead build."""
         for stale in root.glob(f".{self.key}.tmp-*"):
-            try:
-                pid = int(stale.name.split(".tmp-")[1].split("-")[0])
-            except (IndexError, ValueError):
-                pid = -1
-            if pid == os.getpid() or pid < 0 or not _pid_alive(pid):
-                log.warning("removing %s left by an interrupted feature-cache build", stale)
-                shutil.rmtree(stale, ignore_errors=True)
+            log.warning("removing %s left by an interrupted feature-cache build", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
     def _note_corpus_change(self, root: Path, manifest, cfg: Config) -> None:
         """Say when this build replaces a cache of the same manifest built before the corpus changed."""
