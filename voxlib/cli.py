@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 from voxlib.config import GROUPS, Config, ConfigError, _field_type, field_info
 
+METAVARS = {str: "TEXT", int: "INT", float: "NUMBER"}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 DEBUG_ENV = "VOX_DEBUG"
 MESSAGE_LINES = 12  # a problem list (ManifestError) prints this many of its lines, then a count
@@ -56,10 +57,23 @@ class VoxParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # argparse's hook: print and exit 2
         unknown = message.partition("unrecognized arguments: ")[2].split()
-        if unknown:
-            hints = [_did_you_mean(flag, list(self._option_string_actions)) for flag in unknown]
-            message = "unknown flag " + "; ".join(h for h in hints)
+        flags = [a for a in unknown if a.startswith("-")]
+        if flags:  # the values after an unknown flag are unrecognised too; the flag is what to fix
+            hints = [_did_you_mean(flag, self.known_flags()) for flag in flags]
+            message = f"unknown flag{'s' if len(flags) > 1 else ''} " + ", ".join(hints)
+        elif unknown:
+            message = "unexpected argument(s) " + " ".join(unknown)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+    def known_flags(self) -> list[str]:
+        """This parser's flags and its sub-commands' (their unknown flags come back to the top parser)."""
+        known = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    known += sub.known_flags() if isinstance(sub, VoxParser) else list(sub._option_string_actions)
+        return sorted(set(known))
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -76,8 +90,6 @@ def _terminal_width() -> int:
 
 
 def _did_you_mean(flag: str, known: list[str]) -> str:
-    if not flag.startswith("-"):
-        return f"or argument {flag!r}"
     close = difflib.get_close_matches(flag.split("=", 1)[0], [k for k in known if k.startswith("--")], n=1,
                                       cutoff=0.6)
     return f"{flag} (did you mean {close[0]}?)" if close else flag
@@ -90,15 +102,18 @@ def flag_name(field_name: str) -> str:
 def field_help(f: Any) -> str:
     """The field's help text, its default, and its allowed values or range, as one --help entry."""
     meta, parts = f.metadata, [f.metadata["help"]]
-    shown = '""' if f.default == "" else f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
-    parts.append(f"default: {shown}")
-    if meta["choices"]:
-        parts.append("one of: " + ", ".join(repr(c) if c == "" else str(c) for c in meta["choices"]))
-    elif meta["low"] is not None or meta["high"] is not None:
-        low = "" if meta["low"] is None else f"{meta['low']:g}"
-        high = "" if meta["high"] is None else f"{meta['high']:g}"
-        parts.append(f"range: {low}..{high}")
+    parts.append(f"default: {_number(f.default)}")
+    low, high = meta["low"], meta["high"]  # choices are in the flag's metavar
+    if low is not None and high is not None:
+        parts.append(f"range: {_number(low)}..{_number(high)}")
+    elif low is not None:
+        parts.append(f"at least {_number(low)}")
     return "; ".join(parts).replace("%", "%%")
+
+
+def _number(value: Any) -> str:
+    """How --help and the reports show a value: 1e-05, 0.25, 1000000, "" for an empty text."""
+    return '""' if value == "" else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
@@ -120,7 +135,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | 
             group.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                help=field_help(f))
         else:
-            metavar = "{" + ",".join(str(c) for c in meta["choices"]) + "}" if meta["choices"] else want.__name__.upper()
+            metavar = ("{" + ",".join('""' if c == "" else str(c) for c in meta["choices"]) + "}" if meta["choices"]
+                       else METAVARS[want])
             group.add_argument(flag_name(f.name), dest=f.name, type=_typed(f.name, want), default=None,
                                choices=meta["choices"], metavar=metavar, help=field_help(f))
 
@@ -165,8 +181,8 @@ def make_parser(prog: str, description: str = "", config_fields: bool | Sequence
     return parser
 
 
-EPILOG = ("Exit status: 0 done, 1 the data or the run stopped it, 2 usage or parameter error, "
-          "130 interrupted (re-run the same command to resume).")
+EPILOG = ("exit status: 0 done; 1 the data, a file or the run stopped it; 2 usage or parameter error;\n"
+          "130 interrupted, 143 terminated (re-run the same command to resume)")
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Config]:
@@ -262,6 +278,23 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+# --- progress lines ------------------------------------------------------------------------------
+def log_to(stream: Any = None, level: int = 20) -> None:
+    """vox's log lines (one per epoch, resume and skip notices) as plain text on ``stream``.
+
+    Notebooks call ``log_to(sys.stdout)``: stdout is the cell's ordinary output, where stderr would
+    be a pink block in the HTML report. Calling it again replaces the handler (no doubled lines).
+    """
+    import logging
+
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("voxlib")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
 
 
 # --- end of training -----------------------------------------------------------------------------
