@@ -80,7 +80,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Room for long flag names; the description keeps its own line breaks (usage examples)."""
 
     def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=34, width=min(110, _terminal_width()))
+        super().__init__(prog, max_help_position=34, width=_terminal_width() - 2)
 
 
 def _terminal_width() -> int:
