@@ -85,8 +85,8 @@ def test_clips_are_16k_mono_audible_and_short(corpus):
 
 
 def test_same_settings_give_identical_files_and_another_seed_does_not(corpus, tmp_path):
-    again = demo.main(["--out", str(tmp_path / "again"), "--accents", "us,gb-rp",
-                       "--speakers-per-accent", "2", "--utterances", "3", "--seed", "3"]).parent
+    again = demo.main(["--out", str(tmp_path / "again"), "--demo-accents", "us,gb-rp",
+                       "--demo-speakers-per-accent", "2", "--demo-utterances", "3", "--demo-seed", "3"]).parent
     rows = read_csv(corpus / "manifest.csv")
     assert read_csv(again / "manifest.csv") == rows
     for r in rows:

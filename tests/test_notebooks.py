@@ -2,6 +2,7 @@
 the full 01 -> 03 chain runs once per session and every check on its HTML shares that run)."""
 import ast
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -87,7 +88,14 @@ def test_train_report_has_learning_curves_and_the_accuracy_table(chain):
     assert page.count("<img") >= 2  # cross-entropy and accuracy figures
     table = page.split("Final accuracies")[1]
     assert "majority" in table and "chance" in table
-    assert all(f"<td>{head}</td>" in table for head in ("speaker", "birthplace", "sex"))
+    assert all(re.search(rf">{head}\s*</td>", table) for head in ("speaker", "birthplace", "sex"))
+    assert re.search(r">\d{1,3}\.\d%\s*</td>", table)  # shares as percent, one decimal
+
+
+def test_train_report_has_no_stderr_block(chain):
+    nb = nbformat.read(chain.run_dir / "notebooks" / "02_train.ipynb", as_version=4)
+    streams = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream"]
+    assert [o["name"] for o in streams if o["name"] == "stderr"] == [], [o["text"][:200] for o in streams]
 
 
 def test_birthplace_report_has_the_confusion_matrix_and_ends_with_the_verdict(chain):

@@ -5,6 +5,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
+from voxlib.cli import run_command
 from voxlib.config import ConfigError
 from voxlib.notebook import escape_markdown
 from voxlib.report import Report, Stage, export_html, main, notebook_parameters, parse_value, write_index
@@ -35,10 +36,13 @@ def test_bad_parameters_stop_before_any_kernel_starts(params, message, tmp_path)
 
 
 def test_command_line_reports_a_bad_parameter_by_name(capsys):
-    assert main(["-p", "epochs", "ten"]) == 2
-    assert "'epochs' must be int, got str 'ten'" in capsys.readouterr().err
-    assert main(["-p", "batch_sise", "4"]) == 2
-    assert "batch_sise" in capsys.readouterr().err
+    assert run_command(main, ["-p", "epochs", "ten"]) == 2
+    assert capsys.readouterr().err == "error: parameter 'epochs' must be int, got str 'ten'\n"
+    assert run_command(main, ["-p", "batch_sise", "4"]) == 2
+    assert "'batch_sise' -> did you mean 'batch_size'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--epochs", "ten"])  # a typed flag is checked by the parser itself
+    assert exit_.value.code == 2 and "--epochs: must be int, got 'ten'" in capsys.readouterr().err
 
 
 def test_paths_become_absolute_against_the_working_directory(tiny_corpus, tmp_path):

@@ -779,29 +779,31 @@ def format_table(record: dict) -> str:
 
 
 # --- command line ------------------------------------------------------------------------------
+BENCH_FIELDS = ("device", "threads", "width", "batch_size")  # Config fields the measurements follow
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Measure vox training speed on this machine (see docs/benchmark.md).")
-    p.add_argument("--quick", action="store_true", help="fewer repeats and sizes: about 10 minutes on 2 CPU cores")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--out", default="", help="folder for <timestamp>.json (default outputs/bench)")
-    p.add_argument("--epoch-utterances", type=int, default=DEFAULT_EPOCH_UTTERANCES,
-                   help="utterances per epoch for the seed protocol's wall-time estimate")
-    p.add_argument("--threads", type=int, default=Config().threads, help="torch threads, as in training (0 = default)")
-    p.add_argument("--width", type=float, default=Config().width, help="the CPU default width")
-    p.add_argument("--batch-size", type=int, default=Config().batch_size, help="batch for the loader and memory runs")
-    p.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
-    p.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
-    p.add_argument("--steps", type=int, default=4, help=argparse.SUPPRESS)
-    return p
+    from voxlib.cli import make_parser
+
+    def own(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--quick", action="store_true", help="fewer repeats and sizes: about 10 minutes on 2 CPU cores")
+        p.add_argument("--out", default="", help="folder for <timestamp>.json (default OUTPUTS/bench)")
+        p.add_argument("--epoch-utterances", type=int, default=DEFAULT_EPOCH_UTTERANCES,
+                       help="utterances per epoch for the seed protocol's wall-time estimate")
+        p.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
+        p.add_argument("--cache-dir", dest="cache_dir", default=None, help=argparse.SUPPRESS)
+        p.add_argument("--steps", type=int, default=4, help=argparse.SUPPRESS)
+
+    return make_parser("python -m voxlib.bench", "Measure vox training speed on this machine (see docs/benchmark.md).",
+                       config_fields=BENCH_FIELDS, extra=own)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from voxlib.cli import parse
     from voxlib.train import pick_device
 
-    args = parser().parse_args(argv)
-    cfg = Config(width=args.width, batch_size=args.batch_size, threads=args.threads, cache_dir=args.cache_dir,
-                 device=args.device)
-    device = pick_device(args.device)
+    args, cfg = parse(parser(), argv)
+    device = pick_device(cfg.device)
     if args.probe_memory:
         print(json.dumps(memory_probe(args.probe_memory, cfg, device, args.steps)))
         return 0
@@ -827,4 +829,6 @@ def run_bench(plan: Plan, cfg: Config, device: torch.device, epoch_utterances: i
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from voxlib.cli import run_command
+
+    sys.exit(run_command(main))

@@ -1,36 +1,326 @@
-"""Command-line flags generated from the Config fields: one list of knobs, one meaning per flag."""
+"""The command line of every vox command: flags generated from the Config fields, one-line errors.
+
+One list of knobs: each ``Config`` field is the flag ``--field-name`` in every command that takes it,
+with the field's help text, default, allowed values and range in ``--help``, grouped as in
+config.py. So ``--seed`` is the training seed wherever it appears and ``--demo-seed`` the demo
+corpus's, never one for the other.
+
+Every command's ``__main__`` is ``sys.exit(run_command(main, argv))``: a user error (a bad
+parameter, a broken manifest, a run folder that cannot be resumed, a missing file, Ctrl-C) ends with
+one ``error: ...`` message on stderr and a documented exit status instead of a traceback.
+``--debug`` or ``VOX_DEBUG=1`` re-raises it with the traceback.
+
+Exit status: 0 done; 1 the data, a file or the run stopped it; 2 a usage or parameter error;
+130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Interrupted training resumes from its last
+checkpoint when the same command is run again.
+"""
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+import difflib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from voxlib.config import GROUPS, Config, _field_type, field_info
+from voxlib.config import GROUPS, Config, ConfigError, _field_type, field_info
+
+METAVARS = {str: "TEXT", int: "INT", float: "NUMBER"}
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+DEBUG_ENV = "VOX_DEBUG"
+MESSAGE_LINES = 12  # a problem list (ManifestError) prints this many of its lines, then a count
+
+# Errors that describe the user's data, files or settings, by class name so that this module does not
+# import torch (train), pandas (evaluate) or the corpus readers to recognise them.
+USAGE_ERRORS = ("ConfigError",)
+RUN_ERRORS = ("ManifestError", "RunError", "CheckpointError", "TrainingError", "CorpusError", "DemoCorpusError",
+              "ReportError", "AudioError", "LockedError", "ProbeUnavailable", "ValueError")
+PATH_ERRORS = {"FileNotFoundError": "no such file or folder", "PermissionError": "permission denied",
+               "IsADirectoryError": "is a folder, not a file", "NotADirectoryError": "not a folder",
+               "FileExistsError": "already exists"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler, torchrun, ``kill``) raised like Ctrl-C, so cleanup runs the same way."""
+
+
+# --- parser --------------------------------------------------------------------------------------
+class VoxParser(argparse.ArgumentParser):
+    """argparse without prefix guessing (``--lr`` never silently means ``--lr-schedule``); an unknown
+    flag is answered with the nearest known one and a one-line error."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # argparse's hook: print and exit 2
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        flags = [a for a in unknown if a.startswith("-")]
+        if flags:  # the values after an unknown flag are unrecognised too; the flag is what to fix
+            hints = [_did_you_mean(flag, self.known_flags()) for flag in flags]
+            message = f"unknown flag{'s' if len(flags) > 1 else ''} " + ", ".join(hints)
+        elif unknown:
+            message = "unexpected argument(s) " + " ".join(unknown)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+    def known_flags(self) -> list[str]:
+        """This parser's flags and its sub-commands' (their unknown flags come back to the top parser)."""
+        known = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    known += sub.known_flags() if isinstance(sub, VoxParser) else list(sub._option_string_actions)
+        return sorted(set(known))
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Room for long flag names; the description keeps its own line breaks (usage examples)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=_terminal_width() - 2)
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+def _did_you_mean(flag: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(flag.split("=", 1)[0], [k for k in known if k.startswith("--")], n=1,
+                                      cutoff=0.6)
+    return f"{flag} (did you mean {close[0]}?)" if close else flag
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def field_help(f: Any) -> str:
+    """The field's help text, its default, and its allowed values or range, as one --help entry."""
+    meta, parts = f.metadata, [f.metadata["help"]]
+    parts.append(f"default: {_number(f.default)}")
+    low, high = meta["low"], meta["high"]  # choices are in the flag's metavar
+    if low is not None and high is not None:
+        parts.append(f"range: {_number(low)}..{_number(high)}")
+    elif low is not None:
+        parts.append(f"at least {_number(low)}")
+    return "; ".join(parts).replace("%", "%%")
+
+
+def _number(value: Any) -> str:
+    """How --help and the reports show a value: 1e-05, 0.25, 1000000, "" for an empty text."""
+    return '""' if value == "" else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
-    """One ``--flag`` per Config field (``batch_size`` -> ``--batch-size``), grouped like config.py."""
-    sections = {g: parser.add_argument_group(g) for g in GROUPS}
-    for f in field_info():
-        if only is not None and f.name not in only:
-            continue
-        meta, flag, want = f.metadata, "--" + f.name.replace("_", "-"), _field_type(f)
-        text = f"{meta['help']} (default: {f.default!r})"
+    """One ``--flag`` per Config field (``batch_size`` -> ``--batch-size``), grouped like config.py.
+
+    A flag left out stays None in the namespace, so ``config_from_args`` can tell "not given" from
+    "given the default value" (``--config`` replays a run, and only the flags given change it).
+    """
+    chosen = [f for f in field_info() if only is None or f.name in only]
+    if only is not None:
+        missing = sorted(set(only) - {f.name for f in chosen})
+        assert not missing, f"not Config fields: {missing}"
+    sections = {g: parser.add_argument_group(f"{g} (Config fields)") for g in GROUPS
+                if any(f.metadata["group"] == g for f in chosen)}
+    for f in chosen:
+        meta, want = f.metadata, _field_type(f)
         group = sections[meta["group"]]
         if want is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=field_help(f))
         else:
-            group.add_argument(flag, dest=f.name, type=want, default=None, choices=meta["choices"],
-                               metavar=want.__name__.upper(), help=text)
+            metavar = ("{" + ",".join('""' if c == "" else str(c) for c in meta["choices"]) + "}" if meta["choices"]
+                       else METAVARS[want])
+            group.add_argument(flag_name(f.name), dest=f.name, type=_typed(f.name, want), default=None,
+                               choices=meta["choices"], metavar=metavar, help=field_help(f))
+
+
+def _typed(name: str, want: type) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return want(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want.__name__}, got {text!r}") from None
+
+    convert.__name__ = want.__name__  # argparse names the type in its message
+    return convert
+
+
+def make_parser(prog: str, description: str = "", config_fields: bool | Sequence[str] = True,
+                extra: Callable[[argparse.ArgumentParser], None] | None = None, replay: bool = False,
+                epilog: str = "") -> VoxParser:
+    """The parser of one vox command.
+
+    ``config_fields``: True for every Config field, a list of field names for some, False for none.
+    ``extra(parser)`` adds the command's own arguments (positionals, ``--out``) before the fields.
+    ``replay`` adds ``--config RUN/config.json`` (start from a recorded run; flags given still win).
+    Every command gets ``--outputs`` and ``--debug``.
+    """
+    parser = VoxParser(prog=prog, description=description, epilog=epilog or EPILOG,
+                       usage=f"{prog} [options]" if config_fields is True else None)
+    if extra is not None:
+        extra(parser)
+    common = parser.add_argument_group("every command")
+    common.add_argument("--outputs", metavar="DIR", default=None,
+                        help="root of everything vox writes by default (runs, caches, demo corpus); "
+                             "default: $VOX_OUTPUTS, else outputs/ of the checkout holding voxlib, "
+                             "else ./outputs")
+    if replay:
+        common.add_argument("--config", metavar="JSON", default=None,
+                            help="start from these settings (a run's config.json); flags given still win")
+    common.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
+    if config_fields:
+        add_config_arguments(parser, None if config_fields is True else list(config_fields))
+    return parser
+
+
+EPILOG = ("exit status: 0 done; 1 the data, a file or the run stopped it; 2 usage or parameter error;\n"
+          "130 interrupted, 143 terminated (re-run the same command to resume)")
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    """Parse, point ``$VOX_OUTPUTS`` at ``--outputs`` (so notebook kernels and workers see it too),
+    and build the Config: ``--config``'s settings if given, then every flag given on top."""
+    args = parser.parse_args(argv)
+    if getattr(args, "outputs", None):
+        os.environ["VOX_OUTPUTS"] = str(Path(args.outputs).expanduser().resolve())
+    return args, config_from_args(args)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The Config of the flags given (those left out keep their defaults)."""
+    """The Config of the flags given (those left out keep their defaults, or ``--config``'s values)."""
     names = {f.name for f in field_info()}
-    return Config.from_dict({k: v for k, v in vars(args).items() if k in names and v is not None})
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    replayed = getattr(args, "config", None)
+    if replayed:
+        return Config.from_json(replayed).replace(**given)
+    return Config.from_dict(given)
 
 
 def parse_config(argv: Sequence[str] | None = None, prog: str = "python -m voxlib.train",
                  description: str = "") -> Config:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_config_arguments(parser)
-    return config_from_args(parser.parse_args(argv))
+    """The training command's flags: every Config field, ``--config`` to replay a run."""
+    return parse(make_parser(prog, description, replay=True), argv)[1]
+
+
+# --- errors --------------------------------------------------------------------------------------
+def run_command(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> int:
+    """Run a command's ``main(argv)`` and return its exit status, user errors as one message.
+
+    ``sys.exit(run_command(main))`` is a command's whole ``__main__``. ``main`` may return an int
+    (its exit status) or anything else (0). An error that is not the user's (a bug) keeps its
+    traceback; ``--debug`` or ``VOX_DEBUG=1`` keeps it for every error.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    restore = _sigterm_raises()
+    try:
+        result = main(argv)
+    except BaseException as err:  # noqa: BLE001 - sorted below; the rest is re-raised
+        described = None if debug else describe_error(err)
+        if described is None:
+            raise
+        status, text = described
+        print(text, file=sys.stderr, flush=True)
+        return status
+    finally:
+        restore()
+    return result if isinstance(result, int) and not isinstance(result, bool) else EXIT_OK
+
+
+def describe_error(err: BaseException) -> tuple[int, str] | None:
+    """(exit status, message) for a user error; None for anything else (SystemExit, bugs)."""
+    names = [cls.__name__ for cls in type(err).__mro__]
+    if isinstance(err, Terminated):
+        return EXIT_TERMINATED, "error: terminated (SIGTERM); re-run the same command to resume"
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "error: interrupted; re-run the same command to resume"
+    if isinstance(err, OSError) and names[0] in PATH_ERRORS or (isinstance(err, OSError) and err.filename):
+        what = PATH_ERRORS.get(names[0]) or (err.strerror or str(err)).lower()
+        path = err.filename if err.filename is not None else ""
+        return EXIT_FAILED, f"error: {what}: {path}" if path else f"error: {_message(err)}"
+    if any(n in USAGE_ERRORS for n in names):
+        return EXIT_USAGE, f"error: {_message(err)}"
+    if names[0] in RUN_ERRORS or any(n in RUN_ERRORS[:-1] for n in names):
+        return EXIT_FAILED, f"error: {_message(err)}"
+    return None
+
+
+def _message(err: BaseException) -> str:
+    """The error's own text: a problem list keeps its first lines and counts the rest."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    if len(lines) <= MESSAGE_LINES + 1:
+        return "\n".join(lines)
+    rest = len(lines) - 1 - MESSAGE_LINES
+    return "\n".join(lines[: MESSAGE_LINES + 1] + [f"({rest} more lines: re-run with --debug)"])
+
+
+def _sigterm_raises() -> Callable[[], None]:
+    """SIGTERM raises Terminated in the main thread while the command runs; returns the undo."""
+    if os.name == "nt" or not _main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# --- progress lines ------------------------------------------------------------------------------
+def log_to(stream: Any = None, level: int = 20) -> None:
+    """vox's log lines (one per epoch, resume and skip notices) as plain text on ``stream``.
+
+    Notebooks call ``log_to(sys.stdout)``: stdout is the cell's ordinary output, where stderr would
+    be a pink block in the HTML report. Calling it again replaces the handler (no doubled lines).
+    """
+    import logging
+
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("voxlib")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+# --- end of training -----------------------------------------------------------------------------
+def training_summary(run_dir: str | Path) -> str:
+    """A few lines for the end of training: best epoch, test accuracy per head beside the majority
+    baseline, where the report is (or how to make it)."""
+    import json
+
+    from voxlib.evaluate import accuracy_table, load_run
+
+    run = load_run(run_dir)
+    summary_path = run.path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    epochs = int(run.metrics["epoch"].max()) if len(run.metrics) else 0
+    best = summary.get("best_epoch")
+    lines = [f"run {run.path}: {epochs} epoch{'s' if epochs != 1 else ''}"
+             + (f", best epoch {best} (predictions from {summary.get('predictions_from', 'best.pt')})"
+                if best else "")]
+    table = accuracy_table(run, splits=("seen_test", "unseen_test"))
+    for head in dict.fromkeys(table["head"]):
+        parts = []
+        for r in table[table["head"] == head].itertuples(index=False):
+            verdict = "above" if r.accuracy > r.majority else "NOT above"
+            parts.append(f"{r.split} {r.accuracy:.1%} ({verdict} majority {r.majority:.1%}, n={r.n})")
+        lines.append(f"  {head:<12} " + "; ".join(parts))
+    index = run.path / "reports" / "index.html"
+    lines.append(f"report: {index}" if index.is_file()
+                 else f"report: python -m voxlib.report --run-dir {run.path}  (notebooks 01-03 as HTML)")
+    return "\n".join(lines)

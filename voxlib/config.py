@@ -15,6 +15,7 @@ batch 10, lr 1e-5, 1000 epochs) for a GPU, resolved once here so every consumer 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import types
@@ -42,10 +43,20 @@ def knob(default: Any, help: str, group: str, role: str, choices: tuple | None =
                                                 low=low, high=high))
 
 
-def project_root() -> Path:
-    """The checkout that holds voxlib (editable install), else the working directory."""
+@functools.lru_cache(maxsize=1)
+def _checkout() -> Path | None:
+    """The source checkout voxlib was imported from (it holds pyproject.toml), or None when installed."""
     here = Path(__file__).resolve().parent.parent
-    return here if (here / "pyproject.toml").exists() else Path.cwd()
+    try:
+        return here if 'name = "voxlib"' in (here / "pyproject.toml").read_text(encoding="utf-8") else None
+    except OSError:
+        return None
+
+
+def project_root() -> Path:
+    """The checkout that holds voxlib (run from a checkout or an editable install), else the
+    working directory (an installed package): relative notebook paths and outputs/ start here."""
+    return _checkout() or Path.cwd()
 
 
 def git_commit() -> str | None:
@@ -69,8 +80,32 @@ def git_commit() -> str | None:
 
 
 def outputs_dir() -> Path:
-    """Where run artefacts go: ``$VOX_OUTPUTS`` or ``<project>/outputs``."""
-    return Path(os.environ.get("VOX_OUTPUTS") or project_root() / "outputs")
+    """Where run artefacts go: ``$VOX_OUTPUTS`` (every command's ``--outputs`` sets it), else
+    ``outputs/`` of the checkout holding voxlib, else ``./outputs`` of the working directory."""
+    return Path(os.environ.get("VOX_OUTPUTS") or project_root() / "outputs").expanduser()
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout voxlib runs from; None for an installed package.
+
+    Git is asked about voxlib's own folder, and the answer counts only if that folder is the top of
+    the work tree: an installed voxlib run from inside some other repository must not record that
+    repository's commit as vox's.
+    """
+    import subprocess
+
+    root = _checkout()
+    if root is None:
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root:
+        return None
+    return lines[1]
 
 
 def usable_cores() -> int:

@@ -28,7 +28,6 @@ Layout of a corpus folder::
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import ctypes
 import json
@@ -589,26 +588,21 @@ def ensure_demo_corpus(cfg: Config) -> Path:
     return build_demo_corpus(outputs_dir() / "demo" / demo_tag(cfg), cfg)
 
 
+DEMO_FIELDS = ("demo_speakers_per_accent", "demo_utterances", "demo_accents", "demo_voice_spread", "demo_seed")
+
+
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
-        prog="python -m voxlib.demo",
-        description="Build the espeak-ng accent demo corpus (wav files + manifest.csv).")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="corpus folder (default: outputs/demo/<settings>)")
-    parser.add_argument("--speakers-per-accent", type=int, default=Config.demo_speakers_per_accent)
-    parser.add_argument("--utterances", type=int, default=Config.demo_utterances)
-    parser.add_argument("--seed", type=int, default=Config.demo_seed)
-    parser.add_argument("--accents", default=Config.demo_accents,
-                        help=f"comma list from {','.join(ACCENTS)} (default: all)")
-    parser.add_argument("--voice-spread", type=float, default=Config.demo_voice_spread,
-                        help="1 = full voice ranges, smaller = more alike voices")
-    args = parser.parse_args(argv)
-    try:
-        cfg = Config(demo_speakers_per_accent=args.speakers_per_accent, demo_utterances=args.utterances,
-                     demo_seed=args.seed, demo_accents=args.accents, demo_voice_spread=args.voice_spread)
-        manifest = build_demo_corpus(args.out, cfg) if args.out else ensure_demo_corpus(cfg)
-    except (ConfigError, DemoCorpusError) as err:
-        parser.exit(2, f"error: {err}\n")
+    """Build (or find) the demo corpus; the flags are the Config fields training and the notebooks take."""
+    from voxlib.cli import make_parser, parse
+
+    def out_flag(parser) -> None:
+        parser.add_argument("--out", type=Path, default=None,
+                            help="corpus folder (default: OUTPUTS/demo/<settings>, where training finds it)")
+
+    parser = make_parser("python -m voxlib.demo", "Build the espeak-ng accent demo corpus (wav files + manifest.csv).",
+                         config_fields=DEMO_FIELDS, extra=out_flag)
+    args, cfg = parse(parser, argv)
+    manifest = build_demo_corpus(args.out, cfg) if args.out else ensure_demo_corpus(cfg)
     print(manifest)
     return manifest
 
@@ -616,5 +610,6 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     # jobs are pickled for the render helper: they must be voxlib.demo's classes, not __main__'s
     from voxlib import demo
+    from voxlib.cli import run_command
 
-    demo.main(sys.argv[1:])
+    sys.exit(run_command(demo.main))

@@ -150,7 +150,7 @@ def speaker_balance_figure(table: pd.DataFrame, max_classes: int = 60):
     if len(counts) > len(shown):
         title += f" (largest {len(shown)} of {len(counts)})"
     ax.set(xlabel="speakers", title=title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside the bars
     fig.tight_layout()
     return fig
 
@@ -198,7 +198,8 @@ def spectrogram_grid(table: pd.DataFrame, cfg: Config, per_group: int = 1, max_g
     """The network's input for example clips: one panel per utterance, labelled birthplace / sex.
 
     Each panel is the first crop (``n_frames`` frames) of the clip, the same 1x256xT image the
-    discriminator is trained on.
+    discriminator is trained on. The features map [-top_db, 0] dB re full scale linearly to [0, 1];
+    the colour bar shows that scale in dB.
     """
     import matplotlib.pyplot as plt
     import torch
@@ -208,7 +209,8 @@ def spectrogram_grid(table: pd.DataFrame, cfg: Config, per_group: int = 1, max_g
     rows = example_rows(table, per_group, max_groups, seed)
     cols = min(4, max(1, len(rows)))
     nrows = int(np.ceil(len(rows) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols + 0.8, 2.8 * nrows), squeeze=False,
+                             layout="constrained")
     nyquist_khz = cfg.sample_rate / 2000
     for ax in axes.flat[len(rows):]:
         ax.axis("off")
@@ -216,12 +218,13 @@ def spectrogram_grid(table: pd.DataFrame, cfg: Config, per_group: int = 1, max_g
     for ax, (index, row) in zip(axes.flat, rows.iterrows()):
         image = spectrogram(torch.from_numpy(load_wave(row, cfg)), cfg)[0, :, : cfg.n_frames].numpy()
         seconds = image.shape[1] * cfg.hop_length / cfg.sample_rate
-        ax.imshow(image, origin="lower", aspect="auto", vmin=0, vmax=1, cmap="magma",
-                  extent=(0, seconds, 0, nyquist_khz))
+        shown = ax.imshow((image - 1.0) * cfg.top_db, origin="lower", aspect="auto", vmin=-cfg.top_db, vmax=0,
+                          cmap="magma", extent=(0, seconds, 0, nyquist_khz))
         title = f"{names.at[index, 'birthplace']} / {names.at[index, 'sex']}\n{names.at[index, 'speaker']}"
         ax.set_title(_plain(title), fontsize=9)
         ax.set(xlabel="s", ylabel="kHz")
-    fig.tight_layout()
+    if len(rows):
+        fig.colorbar(shown, ax=axes, label="dB re full scale", shrink=0.9 if nrows > 1 else 1.0, pad=0.01)
     return fig
 
 

@@ -1,7 +1,9 @@
 """Figures shared by the notebooks and the HTML reports.
 
 Each function takes a table made by ``voxlib.evaluate`` or ``voxlib.analysis`` and returns a
-matplotlib Figure. The figure is already closed in pyplot's registry: it still renders when a
+matplotlib Figure. Shares (accuracy, recall, gradient share) are shown as percent everywhere, in
+figures and, through ``styled``, in tables, with one decimal where a number is printed; legends sit
+outside the data. The figure is already closed in pyplot's registry: it still renders when a
 notebook cell returns it or ``fig.savefig`` is called, but a loop over many runs leaks nothing and an
 inline backend does not draw it twice. Works under the Agg backend (no display needed).
 """
@@ -14,12 +16,39 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 SPLIT_ORDER = ("train", "seen_val", "unseen_val", "seen_test", "unseen_test")
 ANNOTATE_MAX = 15  # confusion matrices up to this many classes print each cell's value
 LEGEND_MAX = 20  # scatter plots with more label values than this skip the legend
 COMPARE_MEASURES = ("accuracy_seen", "accuracy_unseen", "balanced_accuracy_unseen", "majority_unseen",
                     "through_speaker_seen", "probe_accuracy", "coarse_accuracy_unseen", "gradient_share")
+
+
+# Columns that hold a share in [0, 1] in the tables of evaluate and analysis: shown as percent.
+SHARE_COLUMNS = frozenset({
+    "accuracy", "top3", "balanced_accuracy", "chance", "majority", "through_speaker", "agreement", "seen", "unseen",
+    "gap", "gap_se", "seen_majority", "unseen_majority", "recall_seen", "recall_unseen", "precision", "recall", "f1",
+    "rate", "share", "probe_accuracy", "probe_balanced_accuracy", "head_accuracy", "difference_se"})
+PERCENT = "{:.1%}"
+
+
+def styled(table: pd.DataFrame):
+    """The table as a notebook shows it: shares as percent with one decimal, other floats to 3 digits."""
+    shares = [c for c in table.columns if c in SHARE_COLUMNS]
+    floats = [c for c in table.select_dtypes("float").columns if c not in SHARE_COLUMNS]
+    return (table.style.format(PERCENT, subset=shares, na_rep="")
+            .format("{:.3g}", subset=floats, na_rep=""))
+
+
+def _percent_axis(axis) -> None:
+    axis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+
+
+def _legend_outside(ax, **kw) -> None:
+    """The legend right of the panel, where it covers no data point."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8, **kw)
 
 
 def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kw) -> tuple[Figure, np.ndarray]:
@@ -33,19 +62,39 @@ def _done(fig: Figure) -> Figure:
     return fig
 
 
-def learning_curves(curves: pd.DataFrame, ylabel: str = "cross-entropy") -> Figure:
+def learning_curves(curves: pd.DataFrame, ylabel: str = "cross-entropy",
+                    baselines: pd.DataFrame | None = None) -> Figure:
     """One panel per head: the metric against epoch, one line per split (train / seen / unseen val).
 
     ``curves`` is ``evaluate.learning_curves(run, metric)``. With ``metric="loss"`` this is the seed's
-    softmax cross-entropy figure; with ``metric="acc"`` its accuracy figure.
+    softmax cross-entropy figure; with ``metric="acc"`` its accuracy figure (``ylabel`` "accuracy").
+    ``baselines`` (``evaluate.accuracy_table(run)``) adds what a head must beat: on accuracy, chance
+    and the majority baseline of the seen-speaker validation set; on loss, the cross-entropy of a
+    uniform guess, ln K.
     """
     heads = list(dict.fromkeys(curves["head"]))
     splits = [s for s in SPLIT_ORDER if s in set(curves["split"])]
-    fig, axes = _figure(3.6 * len(heads), 3.2, ncols=len(heads), sharey=ylabel.startswith("acc"))
+    accuracy = ylabel.startswith("acc")
+    fig, axes = _figure(3.6 * len(heads) + 1.4, 3.2, ncols=len(heads), sharey=accuracy)
     for ax, head in zip(axes, heads):
         sns.lineplot(data=curves[curves["head"] == head], x="epoch", y="value", hue="split", hue_order=splits,
-                     marker="o", markersize=3, ax=ax, legend=ax is axes[0])
+                     marker="o", markersize=3, ax=ax, legend=ax is axes[-1])
+        rows = baselines[baselines["head"] == head] if baselines is not None else pd.DataFrame()
+        if len(rows):
+            row = rows[rows["split"] == "seen_val"].iloc[0] if (rows["split"] == "seen_val").any() else rows.iloc[0]
+            if accuracy:
+                ax.axhline(row["majority"], color="0.35", linestyle="--", linewidth=1,
+                           label=f"majority ({row['split']})")
+                ax.axhline(row["chance"], color="0.35", linestyle=":", linewidth=1, label="chance")
+            else:
+                ax.axhline(np.log(1 / row["chance"]), color="0.35", linestyle=":", linewidth=1,
+                           label="uniform guess (ln K)")
         ax.set(title=head, ylabel=ylabel, xlabel="epoch")
+        if accuracy:
+            _percent_axis(ax.yaxis)
+        if ax is not axes[-1] and ax.get_legend() is not None:
+            ax.get_legend().remove()
+    _legend_outside(axes[-1])
     return _done(fig)
 
 
@@ -60,9 +109,9 @@ def confusion_heatmap(matrix: pd.DataFrame, title: str = "") -> Figure:
     font = float(np.clip(11 - n / 8, 4, 10))
     fig, axes = _figure(side + 1.2, side)
     ax = axes[0]
-    sns.heatmap(matrix, vmin=0, vmax=1, cmap="Blues", square=True, annot=n <= ANNOTATE_MAX, fmt=".2f",
+    sns.heatmap(matrix * 100, vmin=0, vmax=100, cmap="Blues", square=True, annot=n <= ANNOTATE_MAX, fmt=".1f",
                 annot_kws={"fontsize": font}, xticklabels=True, yticklabels=True,
-                cbar_kws={"label": "share of true class", "shrink": 0.6}, ax=ax)
+                cbar_kws={"label": "% of the true class", "shrink": 0.6, "format": "%.0f%%"}, ax=ax)
     ax.tick_params(labelsize=font)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     return _done(fig)
@@ -82,6 +131,8 @@ def recall_vs_size(table: pd.DataFrame, size: str = "train_speakers",
     sns.scatterplot(data=long, x=size, y="recall", hue="set", style="set", s=40, alpha=0.8, ax=ax)
     ax.set_xscale("log")
     ax.set(xlabel=size.replace("_", " ") + " (log)", ylabel="recall", ylim=(-0.05, 1.05))
+    _percent_axis(ax.yaxis)
+    _legend_outside(ax)
     return _done(fig)
 
 
@@ -92,7 +143,7 @@ def embedding_scatter(projection: pd.DataFrame, hues: Sequence[str] = ("birthpla
         raise ValueError(f"none of the label columns {list(hues)} is in the projection")
     method = {"pca": "PCA", "tsne": "t-SNE"}.get(projection["method"].iloc[0], "projection") \
         if "method" in projection else "projection"
-    fig, axes = _figure(5.0 * len(hues), 4.5, ncols=len(hues))
+    fig, axes = _figure(6.2 * len(hues), 4.5, ncols=len(hues))
     for ax, hue in zip(axes, hues):
         n = projection[hue].nunique()
         palette = "tab10" if n <= 10 else "tab20" if n <= 20 else "husl"
@@ -101,7 +152,7 @@ def embedding_scatter(projection: pd.DataFrame, hues: Sequence[str] = ("birthpla
         ax.set(title=f"{method} of trunk features, by {hue}" + ("" if n <= LEGEND_MAX else f" ({n} classes)"),
                xlabel="", ylabel="", xticks=[], yticks=[])
         if n <= LEGEND_MAX:
-            ax.legend(fontsize=7, markerscale=0.8, loc="best")
+            _legend_outside(ax, markerscale=0.8)
     return _done(fig)
 
 
@@ -120,7 +171,8 @@ def seen_unseen_bars(table: pd.DataFrame) -> Figure:
     palette = dict(zip(parts.values(), [paired[1], paired[0], paired[3], paired[2]]))
     sns.barplot(data=long, x="head", y="accuracy", hue="set", hue_order=list(parts.values()), palette=palette, ax=ax)
     ax.set(ylim=(0, 1), xlabel="", ylabel="accuracy")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _percent_axis(ax.yaxis)
+    _legend_outside(ax)
     return _done(fig)
 
 
@@ -134,7 +186,9 @@ def compare_runs(comparison: pd.DataFrame, measures: Sequence[str] = COMPARE_MEA
     fig, axes = _figure(6.0, 0.5 * max(len(keep), 2) + 1.2)
     ax = axes[0]
     sns.barplot(data=long, y="measure", x="value", hue="run", orient="h", ax=ax)
-    ax.set(xlim=(0, 1), xlabel="fraction", ylabel="")
+    ax.set(xlim=(0, 1), xlabel="share", ylabel="")
+    _percent_axis(ax.xaxis)
+    _legend_outside(ax)
     return _done(fig)
 
 
@@ -147,6 +201,7 @@ def gradient_share(shares: pd.DataFrame) -> Figure:
     ax.stackplot(wide.index, wide.T.to_numpy(), labels=list(wide.columns), colors=colours, alpha=0.9)
     ax.set(xlabel="epoch", ylabel="share of gradient norm", ylim=(0, 1),
            xlim=(wide.index.min(), max(wide.index.max(), wide.index.min() + 1)))
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    _percent_axis(ax.yaxis)
+    _legend_outside(ax)
     return _done(fig)
 

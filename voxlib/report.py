@@ -1,18 +1,20 @@
 """Run the three notebooks (explore -> train -> birthplace) and export each to one HTML file.
 
-    python -m voxlib.report [--manifest PATH] [--run-dir DIR] [-p NAME VALUE ...]
+    python -m voxlib.report [--manifest PATH] [--run-dir DIR] [--epochs N ...] [-p NAME VALUE ...]
 
-With no arguments (``make demo``) it uses the built-in demo corpus and ``outputs/runs/demo``.
-Every ``-p`` name is a field of ``voxlib.config.Config`` and goes to all three notebooks, so one value
-means the same in each. Executed notebooks go to ``DIR/notebooks/``, self-contained HTML (images
+With no arguments (``make demo``) it uses the built-in demo corpus and ``outputs/runs/<corpus>``.
+Every flag (``--epochs 2``) and every ``-p`` name (``-p epochs 2``, papermill's spelling) is a field
+of ``voxlib.config.Config`` and goes to all three notebooks, so one value means the same in each. Executed notebooks go to ``DIR/notebooks/``, self-contained HTML (images
 embedded) to ``DIR/reports/``, and ``DIR/reports/index.html`` links them with the run's headline
 numbers.
 
 Paths given here are resolved against the current directory and handed to the notebooks as absolute
 paths (inside a notebook a relative path means relative to the project root; see voxlib.notebook).
 The kernel is this interpreter: a throw-away ``python3`` kernelspec pointing at ``sys.executable``
-shadows any installed one for the duration of the run, so the notebooks never import a different
-voxlib than the one running this command.
+(with this voxlib first on its path) shadows any installed one for the duration of the run, so the
+notebooks never import a different voxlib than the one running this command. The notebooks are the
+checkout's ``notebooks/`` when voxlib runs from a checkout (edits show), else the copies installed
+inside the package (``voxlib/notebooks/``), so the command works from any folder.
 
 A failing notebook stops the chain; the error names the notebook and the cell, the part that ran is
 still exported to HTML, and the exit code is 1.
@@ -34,12 +36,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from voxlib.config import Config, ConfigError, project_root
+from voxlib.config import Config, ConfigError, field_info
 from voxlib.notebook import PATH_FIELDS
 from voxlib import runfolder
 from voxlib.runfolder import default_run_dir
 
 NOTEBOOKS = ("01_explore", "02_train", "03_birthplace")
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding voxlib/
 
 
 class _EveryFieldIsAParameter(logging.Filter):
@@ -132,11 +135,21 @@ def notebook_parameters(manifest: str = "", run_dir: str = "", params: dict[str,
     return values
 
 
+def find_notebooks() -> Path:
+    """The checkout's notebooks/ beside voxlib/, else the copies the wheel installs in voxlib/notebooks/."""
+    for folder in (PACKAGE_ROOT / "notebooks", PACKAGE_ROOT / "voxlib" / "notebooks"):
+        if all((folder / f"{name}.ipynb").is_file() for name in NOTEBOOKS):
+            return folder
+    raise ReportError(f"the notebooks {', '.join(NOTEBOOKS)} are neither in {PACKAGE_ROOT / 'notebooks'} nor "
+                      f"installed in {PACKAGE_ROOT / 'voxlib' / 'notebooks'}; reinstall voxlib")
+
+
 # --- kernel ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def this_interpreter_kernel() -> Iterator[str]:
     """Make kernel ``python3`` mean ``sys.executable`` while the notebooks run."""
-    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "TQDM_MININTERVAL")}
+    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "TQDM_MININTERVAL", "TQDM_DISABLE")}
+    saved_path = os.environ.get("PYTHONPATH")
     with tempfile.TemporaryDirectory(prefix="vox-kernel-") as tmp:
         spec_dir = Path(tmp) / "kernels" / KERNEL_NAME
         spec_dir.mkdir(parents=True)
@@ -147,9 +160,12 @@ def this_interpreter_kernel() -> Iterator[str]:
             "display_name": "Python 3 (ipykernel)",
             "language": "python",
         }
+        if (PACKAGE_ROOT / "pyproject.toml").is_file():  # a checkout: its voxlib, not an installed one
+            spec["env"] = {"PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), saved_path]))}
         (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
         os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [tmp, saved["JUPYTER_PATH"]]))
         os.environ.setdefault("TQDM_MININTERVAL", TQDM_MININTERVAL_S)
+        os.environ.setdefault("TQDM_DISABLE", "1")  # a bar in stored HTML is a frozen line of stderr
         try:
             yield KERNEL_NAME
         finally:
@@ -227,7 +243,7 @@ def run_report(manifest: str = "", run_dir: str = "", params: dict[str, Any] | N
     """
     values = notebook_parameters(manifest, run_dir, params)
     run = Path(values["run_dir"])
-    notebooks_dir = Path(notebooks_dir or project_root() / "notebooks")
+    notebooks_dir = Path(notebooks_dir) if notebooks_dir else find_notebooks()
     runfolder.claim(run)  # the executed notebooks and reports live in the run folder: vox's own
     for name in NOTEBOOKS:
         (run / "notebooks" / f"{name}.ipynb").unlink(missing_ok=True)
@@ -282,7 +298,6 @@ def write_index(report: Report, values: dict[str, Any]) -> Path:
         rows.append(f"<tr><td>{link}</td><td>{stage.seconds:.1f} s</td><td>{status}</td></tr>")
     for name in NOTEBOOKS[len(report.stages):]:
         rows.append(f"<tr><td>{esc(name)}</td><td></td><td>not run</td></tr>")
-    params = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in sorted(values.items()))
     total = sum(s.seconds for s in report.stages)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>vox report: {esc(report.run_dir.name)}</title>
@@ -291,6 +306,8 @@ body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; }}
 .error {{ color: #a00; white-space: pre-wrap; margin: 0; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.note {{ color: #555; font-size: 0.9em; }}
 </style></head><body>
 <h1>vox report: {esc(report.run_dir.name)}</h1>
 <p>Run folder: <code>{esc(str(report.run_dir))}</code></p>
@@ -299,8 +316,8 @@ td, th {{ border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; }}
 {''.join(rows)}
 <tr><td>total</td><td>{total:.1f} s</td><td></td></tr></table>
 {headline_html(report)}
-<h2>Parameters</h2>
-<table>{params}</table>
+{verdict_html(report)}
+{settings_html(report.run_dir, values)}
 </body></html>
 """
     report.index.parent.mkdir(parents=True, exist_ok=True)
@@ -337,25 +354,116 @@ def headline_html(report: Report) -> str:
     )
 
 
+ALWAYS_SHOWN = ("width", "epochs", "batch_size", "lr", "optimizer", "precision", "device")  # even at their defaults
+RECORD_KEYS = ("voxlib_version", "git_commit")  # config.json's record beside the settings
+
+
+def effective_settings(run_dir: Path) -> list[tuple[str, str, str, str]] | None:
+    """(setting, value used, default, meaning) for every field that differs from its default plus the
+    ALWAYS_SHOWN ones, read from the run's own record (config.json, summary.json), not the command line.
+
+    ``device`` and ``precision`` are what summary.json says the run used where it says so ("auto" is not
+    a setting a reader can check). None before the run folder has a config.json.
+    """
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    summary_path = Path(run_dir) / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    rows = []
+    for f in field_info():
+        if f.name not in record:
+            continue
+        value = record[f.name]
+        used = summary.get(f.name) if f.name in ("device", "precision") else None
+        if value == f.default and f.name not in ALWAYS_SHOWN and used is None:
+            continue
+        shown = f"{used} ({value})" if used not in (None, value) else value
+        rows.append((f.name, _plain_value(shown), _plain_value(f.default), f.metadata["help"]))
+    rows += [(key, _plain_value(record[key]), "", "the code that trained this run") for key in RECORD_KEYS
+             if record.get(key)]
+    return rows
+
+
+def _plain_value(value: Any) -> str:
+    return '""' if value == "" else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def settings_html(run_dir: Path, values: dict[str, Any]) -> str:
+    esc = html.escape
+    rows = effective_settings(run_dir)
+    if rows is None:
+        given = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in sorted(values.items()))
+        return ("<h2>Settings</h2><p>The run folder has no config.json yet; the parameters given were:</p>"
+                f"<table>{given}</table>")
+    body = "".join(f"<tr><td>{esc(n)}</td><td><b>{esc(v)}</b></td><td>{esc(d)}</td><td class='note'>{esc(h)}</td></tr>"
+                   for n, v, d, h in rows)
+    return ("<h2>Settings of this run</h2>\n<p>From the run's config.json and summary.json: every setting that "
+            "differs from its default, and the main training settings even at their defaults.</p>\n"
+            f"<table><tr><th>setting</th><th>value</th><th>default</th><th>meaning</th></tr>{body}</table>")
+
+
+VERDICT_TITLE = "### Verdict"
+_MARKDOWN_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+!|~$-])")
+
+
+def verdict_lines(executed: Path) -> list[str] | None:
+    """The verdict sentences as notebook 03 printed them (already HTML-escaped), or None.
+
+    Read from the executed notebook rather than recomputed, so the index says exactly what the
+    report page says.
+    """
+    import nbformat
+
+    if not Path(executed).is_file():
+        return None
+    nb = nbformat.read(executed, as_version=4)
+    for cell in reversed(nb.cells):
+        for output in cell.get("outputs", []):
+            text = output.get("data", {}).get("text/markdown", "")
+            if text.startswith(VERDICT_TITLE):
+                items = [ln[2:] for ln in text.splitlines() if ln.startswith("- ")]
+                return [_MARKDOWN_ESCAPE.sub(r"\1", item) for item in items]
+    return None
+
+
+def verdict_html(report: Report) -> str:
+    stage = next((s for s in report.stages if s.name == "03_birthplace"), None)
+    lines = verdict_lines(stage.executed) if stage is not None else None
+    if not lines:
+        return ""
+    items = "".join(f"<li>{line}</li>" for line in lines)  # escaped by the notebook (escape_markdown)
+    return (f"<h2>Verdict: why is the birthplace head weak?</h2>\n<ul>{items}</ul>\n"
+            f"<p class='note'>From <a href='{html.escape(stage.html.name)}'>03_birthplace</a>, where each "
+            "explanation is tested.</p>")
+
+
 # --- command line ----------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m voxlib.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--manifest", default="", help='corpus manifest CSV; default: the built-in demo corpus')
-    parser.add_argument("--run-dir", default="", help="run folder; default: outputs/runs/<corpus name>")
+def _add_parameter_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="any Config field, passed to every notebook (repeatable)")
-    args = parser.parse_args(argv)
-    params = {name: parse_value(name, value) for name, value in args.parameter}
-    try:
-        report = run_report(args.manifest, args.run_dir, params)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+                        help="any Config field in papermill's spelling (-p epochs 2 = --epochs 2); repeatable")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from voxlib.cli import EXIT_FAILED, EXIT_OK, make_parser, parse, training_summary
+
+    parser = make_parser("python -m voxlib.report", __doc__.split("\n\n")[0], extra=_add_parameter_flag)
+    args, _ = parse(parser, argv)
+    names = {f.name for f in field_info()}
+    params = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    params.update({name: parse_value(name, value) for name, value in args.parameter})
+    report = run_report(params=params)
     if not report.ok:
         print(f"error: {report.stages[-1].error}", file=sys.stderr)
-    print(f"reports: {report.index}")
-    return 0 if report.ok else 1
+    if report.ok and (report.run_dir / "predictions.csv").is_file():
+        print(training_summary(report.run_dir))  # ends with the report's path
+    else:
+        print(f"reports: {report.index}")
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from voxlib.cli import run_command
+
+    sys.exit(run_command(main))
