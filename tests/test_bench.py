@@ -28,7 +28,7 @@ def record(tmp_path_factory) -> dict:
     plan = bench.Plan(
         gemm_squares=(64, 128), gemm_repeats=2,
         models={"seed": (0.125, dict(HEADS)), "cpu_default": (0.0625, dict(HEADS))},
-        batches={"seed": (2, 4), "cpu_default": (2,)}, warmup=1, steps=1, compile_models=(),
+        batches={"seed": (2, 4), "cpu_default": (2,)}, warmup=1, steps=1, min_time_s=0.0, compile_models=(),
         corpus=dict(birthplaces=2, speakers=2, utterances=3, seconds=2.5), loader_steps=3, memory_steps=2,
         cache_copies=2)
     cfg = Config(width=0.0625, batch_size=4, threads=1, cache_dir=str(out / "unused"))
@@ -217,3 +217,28 @@ def test_demo_heads_follow_the_demo_settings():
 def test_gpu_measured_hours():
     out = bench.gpu_measured([{"variant": "bf16", "batch": 10, "samples_per_s": 100.0}], 1000, 1000)
     assert out["measured"] and math.isclose(out["rows"][0]["hours"], 1000 * 1000 / 100 / 3600)
+
+
+def test_parity_summary_flags_a_bf16_drop_beyond_the_seed_spread():
+    def run(seed, p, speaker, sex, epoch_s):
+        return {"seed": seed, "precision": p, "epoch_s": epoch_s,
+                "accuracy": {"seen_test/speaker": speaker, "unseen_test/sex": sex}}
+
+    runs = [run(0, "fp32", 0.90, 1.0, 10.0), run(0, "bf16", 0.88, 1.0, 5.0),
+            run(1, "fp32", 0.94, 1.0, 10.0), run(1, "bf16", 0.92, 0.9, 5.0),
+            run(2, "fp32", 0.92, 1.0, 10.0), run(2, "bf16", 0.93, 1.0, 5.0)]
+    s = bench.parity_summary(runs)
+    speaker, sex = s["heads"]["seen_test/speaker"], s["heads"]["unseen_test/sex"]
+    assert speaker["values"] == {"fp32": [0.90, 0.94, 0.92], "bf16": [0.88, 0.92, 0.93]}
+    assert speaker["spread"] == pytest.approx(0.05) and speaker["bf16_drop"] == pytest.approx(0.01)
+    assert not speaker["beyond_spread"]  # 0.01 lower on average, while seeds alone move it by 0.05
+    # sex: fp32 is 1.0 on every seed; bf16 loses 0.1 on one seed, which is also its own spread
+    assert sex["spread"] == pytest.approx(0.1) and sex["bf16_drop"] == pytest.approx(0.1 / 3)
+    assert not sex["beyond_spread"] and not s["bf16_costs_accuracy"]
+    assert s["epoch_speedup_bf16"] == pytest.approx(2.0)
+    worse = [dict(r, accuracy={"seen_test/speaker": r["accuracy"]["seen_test/speaker"] - 0.1})
+             if r["precision"] == "bf16" else r for r in runs]
+    assert bench.parity_summary(worse)["heads"]["seen_test/speaker"]["beyond_spread"]
+    assert bench.parity_summary(worse)["bf16_costs_accuracy"]
+    table = bench.format_parity({"seeds": [0, 1, 2], "settings": {}, "summary": bench.parity_summary(worse)})
+    assert "BEYOND SPREAD" in table and "YES" in table

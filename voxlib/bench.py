@@ -2,19 +2,23 @@
 
 Usage::
 
-    python -m voxlib.bench --quick                  # make bench: about 10 minutes on a 2-core CPU
-    python -m voxlib.bench                          # more repeats, batch sizes, compile, bf16 accuracy
+    python -m voxlib.bench --quick                  # make bench: about 4 minutes on a 2-core CPU
+    python -m voxlib.bench                          # more repeats, batch sizes, compile for both widths
+    python -m voxlib.bench --parity                 # bf16 vs fp32 accuracy on the demo corpus, seeds 0, 1, 2
     python -m voxlib.bench --device cuda --epoch-utterances 20000
 
-One run measures, side by side on the same machine: its own matmul peak (fp32, bf16); training
-throughput of the seed width and the CPU default width in fp32, bf16 autocast, channels_last and
-torch.compile at batch 10 and at the best batch found; the data-loader wait from the feature cache;
-the feature-cache build against a plain librosa loop; peak memory of short training runs on a corpus
-and on the same corpus repeated 4x; and the seed protocol's wall time on a GPU (estimated from FLOPs
-on a CPU, measured on CUDA). It prints a table and writes ``outputs/bench/<timestamp>.json``.
+One run measures, side by side on the same machine: the GEMM ceiling per dtype (the best FLOP/s of
+any kernel library torch uses, on squares and on the GEMM shapes of the models' layers) and the
+theoretical peak where the CPU reports what it needs; training throughput of the seed width and the
+CPU default width in fp32, bf16 autocast, channels_last and torch.compile at batch 10 and at the
+best batch found, each against the ceiling of its dtype, and what precision=auto picks; the
+data-loader wait from the feature cache; the feature-cache build against a plain librosa loop;
+peak memory of short training runs on a corpus and on the same corpus repeated 4x; and the seed
+protocol's wall time on a GPU (estimated from FLOPs on a CPU, measured on CUDA). It prints a table
+and writes ``outputs/bench/<timestamp>.json``.
 
 Why ratios: on a shared machine absolute samples/s move with the neighbours' load, and so does the
-matmul peak measured in the same run, so achieved/peak stays meaningful. Every time is the best of
+ceiling measured in the same run, so achieved/ceiling stays meaningful. Every time is the best of
 several repeats, because noise only ever adds time. See docs/benchmark.md for the method.
 """
 from __future__ import annotations
@@ -79,14 +83,15 @@ EAGER_VARIANTS = (
 
 @dataclass
 class Plan:
-    """Sizes and repeats of one bench run; ``quick()`` fits 10 minutes on a 2-core CPU."""
+    """Sizes and repeats of one bench run; ``quick()`` fits about 4 minutes on a 2-core CPU."""
 
     gemm_squares: tuple[int, ...] = (1024, 2048, 4096)  # plus the GEMM shapes of each model's layers
     gemm_repeats: int = 5
     models: dict = field(default_factory=dict)  # name -> (width, head_sizes)
     batches: dict = field(default_factory=dict)  # name -> batch sizes searched (the first is batch 10)
     warmup: int = 2
-    steps: int = 5  # timed steps per measurement (the best one counts)
+    steps: int = 5  # timed steps per measurement (the best one counts) ...
+    min_time_s: float = 2.0  # ... and more until they took this long: a short burst of load cannot cover all
     compile_models: tuple[str, ...] = ("seed", "cpu_default")
     corpus: dict = field(default_factory=lambda: dict(birthplaces=4, speakers=6, utterances=10, seconds=3.0))
     loader_steps: int = 30
@@ -101,7 +106,7 @@ class Plan:
     @classmethod
     def quick(cls, cfg: Config) -> "Plan":
         return cls(gemm_squares=(1024, 2048, 4096), gemm_repeats=3, models=default_models(cfg),
-                   batches={"seed": (10, 32), "cpu_default": (10, 32, 64)}, warmup=1, steps=3,
+                   batches={"seed": (10, 32), "cpu_default": (10, 32, 64)}, warmup=1, steps=3, min_time_s=1.0,
                    compile_models=("cpu_default",), corpus=dict(birthplaces=3, speakers=4, utterances=8, seconds=3.0),
                    loader_steps=12, memory_steps=4)
 
@@ -290,6 +295,7 @@ def peak_from(cores: int, clock_hz: float | None, clock_source: str | None, flag
     return out
 
 
+MAX_TIMED_STEPS = 100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -366,8 +372,13 @@ class TrainStep:
 
 
 def time_training(width: float, head_sizes: dict, batch: int, variant: Variant, device: torch.device,
-                  warmup: int, steps: int) -> dict:
-    """Samples/s of the best of ``steps`` timed steps after ``warmup`` (compile time reported apart)."""
+                  warmup: int, steps: int, min_time_s: float = 0.0) -> dict:
+    """Samples/s of the best timed step after ``warmup`` (compile time reported apart).
+
+    At least ``steps`` steps are timed, and more until they add up to ``min_time_s`` (at most
+    ``MAX_TIMED_STEPS``): a small model's step takes 50 ms, and a burst of load from a neighbour
+    lasting half a second would otherwise slow every one of its steps.
+    """
     step = TrainStep(width, head_sizes, variant, device, batch)
     first = None
     for i in range(warmup):
@@ -377,7 +388,7 @@ def time_training(width: float, head_sizes: dict, batch: int, variant: Variant, 
         if i == 0:
             first = time.perf_counter() - t0
     times = []
-    for _ in range(steps):
+    while len(times) < steps or (sum(times) < min_time_s and len(times) < MAX_TIMED_STEPS):
         t0 = time.perf_counter()
         step()
         sync(device)
@@ -799,7 +810,8 @@ class Bench:
     def measure(self, model: str, batch: int, variant: Variant) -> dict:
         width, heads = self.plan.models[model]
         try:
-            r = time_training(width, heads, batch, variant, self.device, self.plan.warmup, self.plan.steps)
+            r = time_training(width, heads, batch, variant, self.device, self.plan.warmup, self.plan.steps,
+                              self.plan.min_time_s)
         except RuntimeError as err:  # out of memory at a large batch, or compile unavailable
             self.say(f"{model} batch {batch} {variant.name}: failed ({str(err).splitlines()[0][:120]})")
             return {"model": model, "width": width, "variant": variant.name, "batch": batch, "error": str(err)[:500]}
@@ -1062,7 +1074,7 @@ def format_table(record: dict) -> str:
 # --- command line ------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Measure vox training speed on this machine (see docs/benchmark.md).")
-    p.add_argument("--quick", action="store_true", help="fewer repeats and sizes: about 10 minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and sizes: about 3-4 minutes on 2 CPU cores")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--out", default="", help="folder for <timestamp>.json (default outputs/bench)")
     p.add_argument("--epoch-utterances", type=int, default=DEFAULT_EPOCH_UTTERANCES,
