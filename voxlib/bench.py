@@ -734,7 +734,8 @@ def parity_summary(runs: list[dict]) -> dict:
         heads[key] = {"values": values, "mean": mean, "spread": spread, "bf16_drop": drop,
                       "max_paired_diff": max(abs(a - b) for a, b in zip(values["fp32"], values["bf16"])),
                       "beyond_spread": bool(drop > spread + 1e-12)}
-    epoch = {p: float(np.mean([r["epoch_s"] for r in runs if r["precision"] == p])) for p in PRECISIONS}
+    # the median run: one run slowed by a neighbour's load must not decide the speed-up
+    epoch = {p: float(np.median([r["epoch_s"] for r in runs if r["precision"] == p])) for p in PRECISIONS}
     return {"heads": heads, "epoch_s": epoch, "epoch_speedup_bf16": epoch["fp32"] / epoch["bf16"],
             "bf16_costs_accuracy": any(h["beyond_spread"] for h in heads.values())}
 
@@ -749,7 +750,7 @@ def format_parity(result: dict) -> str:
         per = lambda p: " ".join(f"{v:.3f}" for v in h["values"][p])
         lines.append(f"{key:<24} {per('fp32'):<20} {per('bf16'):<20} {h['mean']['fp32']:>9.3f} {h['mean']['bf16']:>9.3f} "
                      f"{h['spread']:>6.3f} {h['bf16_drop']:>+9.3f}" + ("  BEYOND SPREAD" if h["beyond_spread"] else ""))
-    lines.append(f"epoch time: fp32 {s['epoch_s']['fp32']:.1f} s, bf16 {s['epoch_s']['bf16']:.1f} s "
+    lines.append(f"epoch time (median run): fp32 {s['epoch_s']['fp32']:.1f} s, bf16 {s['epoch_s']['bf16']:.1f} s "
                  f"({s['epoch_speedup_bf16']:.2f}x)")
     lines.append("bf16 costs accuracy beyond the seed spread: " + ("YES (auto must not pick bf16)"
                                                                 if s["bf16_costs_accuracy"] else "no"))
