@@ -2,19 +2,23 @@
 
 Usage::
 
-    python -m voxlib.bench --quick                  # make bench: about 10 minutes on a 2-core CPU
-    python -m voxlib.bench                          # more repeats, batch sizes, compile, bf16 accuracy
+    python -m voxlib.bench --quick                  # make bench: about 4 minutes on a 2-core CPU
+    python -m voxlib.bench                          # more repeats, batch sizes, compile for both widths
+    python -m voxlib.bench --parity                 # bf16 vs fp32 accuracy on the demo corpus, seeds 0, 1, 2
     python -m voxlib.bench --device cuda --epoch-utterances 20000
 
-One run measures, side by side on the same machine: its own matmul peak (fp32, bf16); training
-throughput of the seed width and the CPU default width in fp32, bf16 autocast, channels_last and
-torch.compile at batch 10 and at the best batch found; the data-loader wait from the feature cache;
-the feature-cache build against a plain librosa loop; peak memory of short training runs on a corpus
-and on the same corpus repeated 4x; and the seed protocol's wall time on a GPU (estimated from FLOPs
-on a CPU, measured on CUDA). It prints a table and writes ``outputs/bench/<timestamp>.json``.
+One run measures, side by side on the same machine: the GEMM ceiling per dtype (the best FLOP/s of
+any kernel library torch uses, on squares and on the GEMM shapes of the models' layers) and the
+theoretical peak where the CPU reports what it needs; training throughput of the seed width and the
+CPU default width in fp32, bf16 autocast, channels_last and torch.compile at batch 10 and at the
+best batch found, each against the ceiling of its dtype, and what precision=auto picks; the
+data-loader wait from the feature cache; the feature-cache build against a plain librosa loop;
+peak memory of short training runs on a corpus and on the same corpus repeated 4x; and the seed
+protocol's wall time on a GPU (estimated from FLOPs on a CPU, measured on CUDA). It prints a table
+and writes ``outputs/bench/<timestamp>.json``.
 
 Why ratios: on a shared machine absolute samples/s move with the neighbours' load, and so does the
-matmul peak measured in the same run, so achieved/peak stays meaningful. Every time is the best of
+ceiling measured in the same run, so achieved/ceiling stays meaningful. Every time is the best of
 several repeats, because noise only ever adds time. See docs/benchmark.md for the method.
 """
 from __future__ import annotations
@@ -41,7 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from voxlib.config import SEED_PRESET, Config, outputs_dir
-from voxlib.model import Discriminator, count_flops
+from voxlib.model import INPUT_SIZE, Discriminator, count_flops, trunk_channels
+from voxlib.precision import MARGIN, PRECISIONS, choose as choose_precision, cpu_model_and_flags
 
 # The 2019 experiment's heads (CSJ): 1421 speakers, 53 birthplaces, 2 sexes.
 SEED_HEADS = {"speaker": 1421, "birthplace": 53, "sex": 2}
@@ -49,7 +54,10 @@ SEED_HEADS = {"speaker": 1421, "birthplace": 53, "sex": 2}
 GPU_BF16_PEAK = {"H100 SXM": 989e12, "A100": 312e12}
 ASSUMED_GPU_MFU = 0.2  # conservative: batch 10 of a small conv net rarely fills a large GPU
 DEFAULT_EPOCH_UTTERANCES = 10_000  # CSJ-like order of magnitude; pass --epoch-utterances for yours
-TARGET_OF_FP32_PEAK = 0.70  # seed width, best batch and variant
+# Targets, each in the precision precision=auto picks (issue 13)
+TARGET_SEED_OF_CEILING = 0.70  # seed width, best batch and variant, of the GEMM ceiling of its dtype
+TARGET_CPU_DEFAULT_OF_CEILING = 0.50  # the CPU default width, likewise
+TARGET_SPEEDUP_NATIVE_BF16 = 2.5  # seed width, best against the seed's loop (fp32, NCHW, batch 10)
 TARGET_LOADER_WAIT = 0.05  # share of a training step spent waiting for the next batch
 TARGET_CACHE_SPEEDUP = 3.0  # feature-cache build against the plain librosa loop
 
@@ -75,31 +83,30 @@ EAGER_VARIANTS = (
 
 @dataclass
 class Plan:
-    """Sizes and repeats of one bench run; ``quick()`` fits 10 minutes on a 2-core CPU."""
+    """Sizes and repeats of one bench run; ``quick()`` fits about 4 minutes on a 2-core CPU."""
 
-    peak_sizes: tuple[int, ...] = (1024, 2048, 4096)
-    peak_repeats: int = 10
+    gemm_squares: tuple[int, ...] = (1024, 2048, 4096)  # plus the GEMM shapes of each model's layers
+    gemm_repeats: int = 5
     models: dict = field(default_factory=dict)  # name -> (width, head_sizes)
     batches: dict = field(default_factory=dict)  # name -> batch sizes searched (the first is batch 10)
     warmup: int = 2
-    steps: int = 5  # timed steps per measurement (the best one counts)
+    steps: int = 5  # timed steps per measurement (the best one counts) ...
+    min_time_s: float = 2.0  # ... and more until they took this long: a short burst of load cannot cover all
     compile_models: tuple[str, ...] = ("seed", "cpu_default")
     corpus: dict = field(default_factory=lambda: dict(birthplaces=4, speakers=6, utterances=10, seconds=3.0))
     loader_steps: int = 30
     memory_steps: int = 8
-    accuracy_epochs: int = 0  # > 0: train the generated corpus in fp32 and bf16 and compare
     librosa: bool = True
     cache_copies: int = 10  # the corpus listed this many times for cache vs librosa (fixed costs amortised)
 
     @classmethod
     def full(cls, cfg: Config) -> "Plan":
-        return cls(models=default_models(cfg), batches={"seed": (10, 16, 32, 64), "cpu_default": (10, 32, 64, 128)},
-                   accuracy_epochs=12)
+        return cls(models=default_models(cfg), batches={"seed": (10, 16, 32, 64), "cpu_default": (10, 32, 64, 128)})
 
     @classmethod
     def quick(cls, cfg: Config) -> "Plan":
-        return cls(peak_sizes=(1024, 2048, 4096), peak_repeats=4, models=default_models(cfg),
-                   batches={"seed": (10, 32), "cpu_default": (10, 32, 64)}, warmup=1, steps=3,
+        return cls(gemm_squares=(1024, 2048, 4096), gemm_repeats=3, models=default_models(cfg),
+                   batches={"seed": (10, 32), "cpu_default": (10, 32, 64)}, warmup=1, steps=3, min_time_s=1.0,
                    compile_models=("cpu_default",), corpus=dict(birthplaces=3, speakers=4, utterances=8, seconds=3.0),
                    loader_steps=12, memory_steps=4)
 
@@ -136,43 +143,188 @@ def training_settings(cfg: Config, device: torch.device):
     return speed_settings(cfg, device)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: torch.device) -> dict:
-    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    info = {"cpu": cpu_model_and_flags()[0], "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
-# --- matmul peak -------------------------------------------------------------------------------
-def matmul_peak(dtype: torch.dtype, sizes, repeats: int, device: torch.device) -> dict:
-    """Best FLOP/s of square GEMMs: the ceiling a convolution net's FLOP/s is compared with."""
-    by_size = {}
+# --- the ceiling: the best dense GEMM any of torch's kernel libraries reaches -------------------
+# Each takes (a: M x K, b: N x K) and returns a callable computing a @ b.T once. torch.mm is MKL's
+# sgemm for fp32 and oneDNN for bf16 (torch routes bf16 matmuls there on CPUs that have bf16);
+# oneDNN's own inner product and a channels_last 1x1 convolution reach it on paths torch.mm does
+# not take, and on a Zen 5 CPU the convolution's fp32 kernel reached 302 GFLOP/s where sgemm stopped at 189.
+def _mm(a: torch.Tensor, b: torch.Tensor):
+    bt = b.t()
+    return lambda: torch.mm(a, bt)
+
+
+def _onednn_linear(a: torch.Tensor, b: torch.Tensor):
+    a_, b_ = a.to_mkldnn(), b.to_mkldnn()
+    return lambda: torch._C._nn.mkldnn_linear(a_, b_, None)
+
+
+def _conv1x1(a: torch.Tensor, b: torch.Tensor):
+    m, k = a.shape
+    x = a.view(1, m, 1, k).permute(0, 3, 1, 2)  # (1, K, M, 1) in channels_last: the same memory as a
+    w = b.view(len(b), k, 1, 1)
+    return lambda: F.conv2d(x, w)
+
+
+GEMM_LIBRARIES = {"torch.mm": _mm, "oneDNN linear": _onednn_linear, "oneDNN 1x1 conv, channels_last": _conv1x1}
+GEMM_FLOP_CAP = 2 * 2048**3  # a layer's GEMM is scaled down along its longest side to at most this much work
+CEILING_RETIMED = 3  # the after-training pass times again the best kernels of the first pass
+
+
+def layer_gemm_shapes(width: float, head_sizes: dict, batch: int) -> list[tuple[int, int, int]]:
+    """(M, N, K) of the GEMMs a training step of this model runs: per convolution the forward
+    (positions x out-channels x patch), the input gradient and the weight gradient.
+
+    Shapes with a side under 64 are left out (too small to reach any ceiling); the longest side is
+    shortened until one GEMM is at most ``GEMM_FLOP_CAP``, which keeps its aspect class.
+    """
+    shapes, size, cin = [], INPUT_SIZE, 1
+    convs = [(c, 2) for c in trunk_channels(width)] + [(n, 0) for n in head_sizes.values()]
+    for cout, halve in convs:
+        size = size // 2 if halve else 1
+        positions, patch = batch * size * size, cin * 16
+        for m, n, k in ((positions, cout, patch), (positions, patch, cout), (cout, patch, positions)):
+            if min(m, n, k) < 64:
+                continue
+            while 2 * m * n * k > GEMM_FLOP_CAP:
+                longest = max(m, n, k)
+                m, n, k = (s // 2 if s == longest else s for s in (m, n, k))
+            shapes.append((m, n, k))
+        if halve:
+            cin = cout
+    return list(dict.fromkeys(shapes))
+
+
+def time_gemm(library: str, shape: tuple[int, int, int], dtype: torch.dtype, repeats: int,
+              device: torch.device) -> float:
+    """FLOP/s of the best of ``repeats`` timed calls after one warm-up call."""
+    m, n, k = shape
     gen = torch.Generator().manual_seed(0)
-    for n in sizes:
-        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-        torch.mm(a, b)
+    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
+    run = GEMM_LIBRARIES[library](a, b)
+    run()
+    sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
         sync(device)
-        best = math.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            sync(device)
-            best = min(best, time.perf_counter() - t0)
-        by_size[n] = 2 * n**3 / best
-        del a, b
-    return {"by_size": by_size, "flops": max(by_size.values())}
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * n * k / best
+
+
+def gemm_ceiling(dtype: torch.dtype, kernels: list[tuple[str, tuple]], repeats: int, device: torch.device) -> dict:
+    """Every (library, shape) timed; the best is the ceiling a training step of this dtype is held to.
+
+    A library that is missing from this torch build or this device is listed with its error and skipped.
+    """
+    rows = []
+    for library, shape in kernels:
+        if device.type != "cpu" and library != "torch.mm":
+            continue  # the oneDNN paths are CPU kernels
+        try:
+            flops = time_gemm(library, tuple(shape), dtype, repeats, device)
+        except (RuntimeError, AttributeError) as err:
+            rows.append({"library": library, "shape": list(shape), "flops": None, "error": str(err).splitlines()[0]})
+            continue
+        rows.append({"library": library, "shape": list(shape), "flops": flops})
+    ok = [r for r in rows if r["flops"]]
+    if not ok:
+        raise RuntimeError(f"no GEMM kernel of {dtype} ran on {device}: {rows[0].get('error') if rows else 'none'}")
+    best = max(ok, key=lambda r: r["flops"])
+    return {"kernels": rows, "flops": best["flops"], "library": best["library"], "shape": best["shape"]}
+
+
+def theoretical_peak(threads: int) -> dict:
+    """cores x clock x FLOP/cycle for this CPU, where it reports what is needed (``peak_from``)."""
+    from voxlib.config import usable_cores
+
+    clock, source = cpu_clock()
+    return peak_from(min(threads, usable_cores()), clock, source, cpu_model_and_flags()[1])
+
+
+def cpu_clock() -> tuple[float | None, str | None]:
+    """(Hz, where it came from): cpufreq's maximum (turbo) if the kernel exposes it, else /proc/cpuinfo's
+    "cpu MHz", which under a hypervisor is the nominal clock; (None, None) when neither is there."""
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) * 1e3, "cpufreq maximum"
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":", 1)[1]) * 1e6, "/proc/cpuinfo cpu MHz"
+    except (OSError, ValueError):
+        pass
+    return None, None
+
+
+def peak_from(cores: int, clock_hz: float | None, clock_source: str | None, flags) -> dict:
+    """Theoretical FLOP/s per dtype from the CPU's feature flags.
+
+    FLOP/cycle per core assumes two FMA units (true of server Xeons and Zen 4/5; some parts have
+    one): AVX-512 fp32 2 x 16 lanes x 2 = 64, AVX2 32; AVX512-BF16 (vdpbf16ps) 2 x 32 products x 2 =
+    128; AMX-BF16 one 16x16x32 tile product (16384 FLOP) per 16 cycles = 1024. A core running above
+    the reported clock (turbo; under a hypervisor only the nominal clock is reported) beats this line.
+    """
+    flags = set(flags)
+    if "avx512f" in flags:
+        fp32 = (64, "AVX-512, 2 FMA units assumed")
+    elif {"avx2", "fma"} <= flags:
+        fp32 = (32, "AVX2, 2 FMA units assumed")
+    else:
+        fp32 = (None, "vector units not reported")
+    if "amx_bf16" in flags:
+        bf16 = (1024, "AMX-BF16 tiles")
+    elif "avx512_bf16" in flags:
+        bf16 = (128, "AVX512-BF16, 2 FMA units assumed")
+    else:
+        bf16 = (None, "no native bf16 reported")
+    out = {"cores": cores, "clock_hz": clock_hz, "clock_source": clock_source}
+    for name, (per_cycle, basis) in (("fp32", fp32), ("bf16", bf16)):
+        out[name] = {"flop_per_cycle": per_cycle, "basis": basis,
+                     "flops": cores * clock_hz * per_cycle if clock_hz and per_cycle else None}
+    return out
+
+
+MAX_TIMED_STEPS = 100
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def merge_passes(passes: list[dict]) -> dict:
+    """The ceiling of one dtype over its passes: the best kernel of any pass."""
+    top = max(passes, key=lambda p: p["flops"])
+    return {"flops": top["flops"], "library": top["library"], "shape": top["shape"], "passes": passes}
+
+
+def auto_choices(rows: list[dict], channels_last: bool) -> dict[tuple[str, int], str]:
+    """{(model, batch): what precision=auto picks}, from the eager fp32 and bf16 rows in the
+    configured memory format, by the rule training uses (``precision.choose``)."""
+    out = {}
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        speeds = _auto_pair(rows, model, batch, channels_last)
+        if speeds:
+            out[(model, batch)] = choose_precision(speeds)
+    return out
+
+
+def auto_speedup(rows: list[dict], model: str, batch: int, channels_last: bool) -> float | None:
+    speeds = _auto_pair(rows, model, batch, channels_last)
+    return speeds["bf16"] / speeds["fp32"] if speeds else None
+
+
+def _auto_pair(rows, model, batch, channels_last) -> dict | None:
+    pair = {r["dtype"]: r["samples_per_s"] for r in rows if r["model"] == model and r["batch"] == batch
+            and r["channels_last"] == channels_last and not r["compile"]}
+    return pair if len(pair) == 2 else None
 
 
 # --- training steps ----------------------------------------------------------------------------
@@ -220,8 +372,13 @@ class TrainStep:
 
 
 def time_training(width: float, head_sizes: dict, batch: int, variant: Variant, device: torch.device,
-                  warmup: int, steps: int) -> dict:
-    """Samples/s of the best of ``steps`` timed steps after ``warmup`` (compile time reported apart)."""
+                  warmup: int, steps: int, min_time_s: float = 0.0) -> dict:
+    """Samples/s of the best timed step after ``warmup`` (compile time reported apart).
+
+    At least ``steps`` steps are timed, and more until they add up to ``min_time_s`` (at most
+    ``MAX_TIMED_STEPS``): a small model's step takes 50 ms, and a burst of load from a neighbour
+    lasting half a second would otherwise slow every one of its steps.
+    """
     step = TrainStep(width, head_sizes, variant, device, batch)
     first = None
     for i in range(warmup):
@@ -231,13 +388,15 @@ def time_training(width: float, head_sizes: dict, batch: int, variant: Variant, 
         if i == 0:
             first = time.perf_counter() - t0
     times = []
-    for _ in range(steps):
+    while len(times) < steps or (sum(times) < min_time_s and len(times) < MAX_TIMED_STEPS):
         t0 = time.perf_counter()
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
     best = min(times)
-    result = {"variant": variant.name, "batch": batch, "step_s": best, "median_step_s": float(np.median(times)),
+    result = {"variant": variant.name, "dtype": "bf16" if variant.bf16 else "fp32",
+              "channels_last": variant.channels_last, "compile": variant.compile,
+              "batch": batch, "step_s": best, "median_step_s": float(np.median(times)),
               "samples_per_s": batch / best, "flops_per_s": step.flops / best, "step_flops": step.flops}
     if variant.compile and first is not None:
         result["compile_s"] = max(first - best, 0.0)
@@ -519,24 +678,83 @@ def gpu_measured(seed_rows: list[dict], epoch_utterances: int, epochs: int) -> d
             "assumptions": "measured synthetic training steps; data loading and evaluation not included"}
 
 
-# --- bf16 accuracy -----------------------------------------------------------------------------
-def precision_accuracy(manifest: Path, cfg: Config, epochs: int, work: Path) -> dict:
-    """Train the same generated corpus in fp32 and in bf16 autocast; compare held-out accuracies."""
+# --- accuracy parity of bf16 -------------------------------------------------------------------
+PARITY_SEEDS = (0, 1, 2)
+
+
+def parity(cfg: Config, seeds=PARITY_SEEDS, work: Path | None = None) -> dict:
+    """Train ``cfg``'s run (the demo corpus by default) in fp32 and in bf16 for each seed; collect
+    every held-out accuracy per head and the epoch time.
+
+    The seed also draws the split, so the spread over seeds includes which utterances and speakers
+    are held out; fp32 and bf16 of one seed share everything but the precision. Which precision
+    trains first alternates by seed, so a drift in the machine's load favours neither.
+    """
     import pandas as pd
 
+    from voxlib.evaluate import accuracy_table, load_run
     from voxlib.train import train
 
-    out = {}
-    for precision in ("fp32", "bf16"):
-        run = replace(cfg, manifest=str(manifest), precision=precision, epochs=epochs,
-                      run_dir=str(work / f"run-{precision}"))
-        t0 = time.perf_counter()
-        run_dir = train(run)
-        seconds = time.perf_counter() - t0
-        metrics = pd.read_csv(run_dir / "metrics.csv")
-        last = metrics[(metrics["epoch"] == epochs) & (metrics["metric"] == "acc")]
-        out[precision] = {"seconds": seconds, **{f"{r.split}/{r.head}": float(r.value) for r in last.itertuples()}}
-    return out
+    runs = []
+    with contextlib.ExitStack() as stack:
+        work = work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vox-parity-")))
+        for i, seed in enumerate(seeds):
+            for p in PRECISIONS if i % 2 == 0 else PRECISIONS[::-1]:
+                run_dir = work / f"seed{seed}-{p}"
+                t0 = time.perf_counter()
+                train(replace(cfg, seed=seed, precision=p, run_dir=str(run_dir)))
+                wall = time.perf_counter() - t0
+                metrics = pd.read_csv(run_dir / "metrics.csv")
+                epoch_s = metrics[(metrics["metric"] == "seconds")]["value"]
+                table = accuracy_table(load_run(run_dir))
+                runs.append({"seed": seed, "precision": p, "wall_s": wall, "epoch_s": float(epoch_s.median()),
+                             "accuracy": {f"{r.split}/{r.head}": float(r.accuracy) for r in table.itertuples()},
+                             "n": {f"{r.split}/{r.head}": int(r.n) for r in table.itertuples()}})
+                print(f"parity: seed {seed} {p}: {wall:.0f} s, {runs[-1]['epoch_s']:.1f} s/epoch", flush=True)
+    return {"seeds": list(seeds), "settings": {k: getattr(cfg, k) for k in
+                                               ("width", "batch_size", "epochs", "lr", "channels_last", "manifest")},
+            "runs": runs, "summary": parity_summary(runs)}
+
+
+def parity_summary(runs: list[dict]) -> dict:
+    """Per split/head: both precisions' accuracy per seed, their means, and the seed spread.
+
+    bf16 costs accuracy beyond the seed spread when its mean is below fp32's by more than the
+    larger max-min range over seeds of the two precisions (how far seeds alone move the result).
+    """
+    keys = list(dict.fromkeys(k for r in runs for k in r["accuracy"]))
+    seeds = sorted({r["seed"] for r in runs})
+    acc = {(r["seed"], r["precision"]): r["accuracy"] for r in runs}
+    heads = {}
+    for key in keys:
+        values = {p: [acc[(s, p)].get(key, float("nan")) for s in seeds] for p in PRECISIONS}
+        spread = max(max(v) - min(v) for v in values.values())
+        mean = {p: float(np.mean(v)) for p, v in values.items()}
+        drop = mean["fp32"] - mean["bf16"]
+        heads[key] = {"values": values, "mean": mean, "spread": spread, "bf16_drop": drop,
+                      "max_paired_diff": max(abs(a - b) for a, b in zip(values["fp32"], values["bf16"])),
+                      "beyond_spread": bool(drop > spread + 1e-12)}
+    # the median run: one run slowed by a neighbour's load must not decide the speed-up
+    epoch = {p: float(np.median([r["epoch_s"] for r in runs if r["precision"] == p])) for p in PRECISIONS}
+    return {"heads": heads, "epoch_s": epoch, "epoch_speedup_bf16": epoch["fp32"] / epoch["bf16"],
+            "bf16_costs_accuracy": any(h["beyond_spread"] for h in heads.values())}
+
+
+def format_parity(result: dict) -> str:
+    s = result["summary"]
+    seeds = ", ".join(map(str, result["seeds"]))
+    lines = [f"accuracy parity, fp32 vs bf16 autocast, seeds {seeds} ({result['settings']}):",
+             f"{'split/head':<24} {'fp32 per seed':<20} {'bf16 per seed':<20} {'fp32 mean':>9} {'bf16 mean':>9} "
+             f"{'spread':>6} {'bf16 drop':>9}"]
+    for key, h in s["heads"].items():
+        per = lambda p: " ".join(f"{v:.3f}" for v in h["values"][p])
+        lines.append(f"{key:<24} {per('fp32'):<20} {per('bf16'):<20} {h['mean']['fp32']:>9.3f} {h['mean']['bf16']:>9.3f} "
+                     f"{h['spread']:>6.3f} {h['bf16_drop']:>+9.3f}" + ("  BEYOND SPREAD" if h["beyond_spread"] else ""))
+    lines.append(f"epoch time (median run): fp32 {s['epoch_s']['fp32']:.1f} s, bf16 {s['epoch_s']['bf16']:.1f} s "
+                 f"({s['epoch_speedup_bf16']:.2f}x)")
+    lines.append("bf16 costs accuracy beyond the seed spread: " + ("YES (auto must not pick bf16)"
+                                                                if s["bf16_costs_accuracy"] else "no"))
+    return "\n".join(lines)
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -557,11 +775,16 @@ class Bench:
         self.record["machine"]["load_before"] = _load()
         with training_settings(self.cfg, self.device):
             self.record["machine"]["threads"] = torch.get_num_threads()
-            peaks = [self.peaks("before")]
+            first = self.ceilings("before training", {d: self.ceiling_kernels() for d in DTYPES})
             self.record["training"] = self.training()
-            peaks.append(self.peaks("after"))
-        self.record["peak"] = {d: {"flops": max(p[d]["flops"] for p in peaks), "passes": [p[d] for p in peaks]}
-                               for d in ("fp32", "bf16")}
+            # a burst of load during the first pass must not lower the ceiling: its best kernels again
+            again = {d: [(k["library"], k["shape"]) for k in sorted(
+                (k for k in first[d]["kernels"] if k["flops"]), key=lambda k: -k["flops"])[:CEILING_RETIMED]]
+                for d in DTYPES}
+            second = self.ceilings("after training", again)
+        self.record["ceiling"] = {d: merge_passes([first[d], second[d]]) for d in DTYPES}
+        if self.device.type == "cpu":
+            self.record["theoretical"] = theoretical_peak(self.record["machine"]["threads"])
         self.add_ratios()
         self.data_sections()
         self.record["gpu"] = self.gpu()
@@ -569,17 +792,27 @@ class Bench:
         self.record["machine"]["load_after"] = _load()
         return self.record
 
-    def peaks(self, when: str) -> dict:
+    def ceiling_kernels(self) -> list[tuple[str, tuple]]:
+        """Every library on the squares and on the GEMM shapes of each model's layers (at its first batch)."""
+        shapes = [(n, n, n) for n in self.plan.gemm_squares]
+        for model, (width, heads) in self.plan.models.items():
+            shapes += layer_gemm_shapes(width, heads, self.plan.batches[model][0])
+        return [(lib, shape) for shape in dict.fromkeys(shapes) for lib in GEMM_LIBRARIES]
+
+    def ceilings(self, when: str, kernels: dict[str, list]) -> dict:
         out = {}
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            out[name] = matmul_peak(dtype, self.plan.peak_sizes, self.plan.peak_repeats, self.device)
-            self.say(f"matmul peak {name} ({when}): {out[name]['flops'] / 1e9:.1f} GFLOP/s")
+        for name, kinds in kernels.items():
+            out[name] = gemm_ceiling(DTYPES[name], kinds, self.plan.gemm_repeats, self.device)
+            c = out[name]
+            self.say(f"GEMM ceiling {name} ({when}, {len(kinds)} kernels): {c['flops'] / 1e9:.1f} GFLOP/s "
+                     f"({c['library']}, {'x'.join(map(str, c['shape']))})")
         return out
 
     def measure(self, model: str, batch: int, variant: Variant) -> dict:
         width, heads = self.plan.models[model]
         try:
-            r = time_training(width, heads, batch, variant, self.device, self.plan.warmup, self.plan.steps)
+            r = time_training(width, heads, batch, variant, self.device, self.plan.warmup, self.plan.steps,
+                              self.plan.min_time_s)
         except RuntimeError as err:  # out of memory at a large batch, or compile unavailable
             self.say(f"{model} batch {batch} {variant.name}: failed ({str(err).splitlines()[0][:120]})")
             return {"model": model, "width": width, "variant": variant.name, "batch": batch, "error": str(err)[:500]}
@@ -612,29 +845,45 @@ class Bench:
         return rows
 
     def add_ratios(self) -> None:
-        fp32, bf16 = self.record["peak"]["fp32"]["flops"], self.record["peak"]["bf16"]["flops"]
-        for r in self.record["training"]:
-            if "error" in r:
-                continue
-            r["of_fp32_peak"] = r["flops_per_s"] / fp32
-            r["of_bf16_peak"] = r["flops_per_s"] / bf16 if "bf16" in r["variant"] else None
+        """Each row against the ceiling of the dtype its GEMMs run in; auto's pick; the targets."""
+        ceiling = {d: c["flops"] for d, c in self.record["ceiling"].items()}
+        rows = [r for r in self.record["training"] if "error" not in r]
+        for r in rows:
+            r["of_ceiling"] = r["flops_per_s"] / ceiling[r["dtype"]]
+        # a step faster than every GEMM measured means a faster kernel exists: say so, never clip
+        self.record["ceiling_incomplete"] = [
+            {k: r[k] for k in ("model", "batch", "variant", "dtype", "flops_per_s", "of_ceiling")}
+            for r in rows if r["of_ceiling"] > 1]
+        auto = auto_choices(rows, self.cfg.channels_last)
+        for r in rows:
+            r["auto"] = auto.get((r["model"], r["batch"])) == r["dtype"]
+        self.record["auto"] = [{"model": m, "batch": b, "precision": p, "speedup": auto_speedup(rows, m, b,
+                                self.cfg.channels_last)} for (m, b), p in auto.items()]
         best = {}
         for model in self.plan.models:
-            ok = [r for r in self.record["training"] if r["model"] == model and "error" not in r]
-            if ok:
-                top = max(ok, key=lambda r: r["samples_per_s"])
-                at10 = [r for r in ok if r["batch"] == self.plan.batches[model][0]]
-                fp32_10 = next((r for r in at10 if r["variant"] == "fp32"), None)
-                best[model] = {"variant": top["variant"], "batch": top["batch"], "samples_per_s": top["samples_per_s"],
-                               "of_fp32_peak": top["of_fp32_peak"], "of_bf16_peak": top["of_bf16_peak"],
-                               "speedup_vs_fp32_batch10": top["samples_per_s"] / fp32_10["samples_per_s"]
-                               if fp32_10 else None}
+            ok = [r for r in rows if r["model"] == model]
+            if not ok:
+                continue
+            plain = next((r for r in ok if r["batch"] == self.plan.batches[model][0] and r["variant"] == "fp32"), None)
+            for label, pool in (("best", ok), ("best_auto", [r for r in ok if r["auto"]])):
+                if pool:
+                    top = max(pool, key=lambda r: r["samples_per_s"])
+                    best.setdefault(model, {})[label] = {
+                        k: top[k] for k in ("variant", "dtype", "batch", "samples_per_s", "flops_per_s", "of_ceiling")}
+                    best[model][label]["speedup_vs_plain"] = top["samples_per_s"] / plain["samples_per_s"] if plain else None
         self.record["best"] = best
-        seed = best.get("seed")
-        if seed:
-            self.record["targets"] = {"seed_of_fp32_peak": {
-                "value": seed["of_fp32_peak"], "target": TARGET_OF_FP32_PEAK,
-                "met": seed["of_fp32_peak"] >= TARGET_OF_FP32_PEAK}}
+        targets = self.record.setdefault("targets", {})
+        for model, target, key in (("seed", TARGET_SEED_OF_CEILING, "seed_of_ceiling"),
+                                   ("cpu_default", TARGET_CPU_DEFAULT_OF_CEILING, "cpu_default_of_ceiling")):
+            top = best.get(model, {}).get("best_auto")
+            if top:
+                targets[key] = {"value": top["of_ceiling"], "target": target, "met": top["of_ceiling"] >= target}
+        top = best.get("seed", {}).get("best_auto")
+        if top and top["speedup_vs_plain"] is not None:
+            native = self.record.get("theoretical", {}).get("bf16", {}).get("flop_per_cycle") is not None
+            targets["seed_speedup_vs_plain"] = {
+                "value": top["speedup_vs_plain"], "target": TARGET_SPEEDUP_NATIVE_BF16, "applies": native,
+                "met": top["speedup_vs_plain"] >= TARGET_SPEEDUP_NATIVE_BF16 if native else None}
 
     def data_sections(self) -> None:
         plan, corpus = self.plan, self.work / "corpus"
@@ -669,21 +918,14 @@ class Bench:
                      f"{memory[name]['max_rss_mb']:.0f} MB RSS")
         memory["ratio_4x_1x"] = memory["4x"]["max_rss_mb"] / memory["1x"]["max_rss_mb"]
         self.record["memory"] = memory
-        if plan.accuracy_epochs:
-            acc_cfg = replace(cfg, batch_size=min(cfg.batch_size, 16), num_workers=0)
-            self.record["bf16_accuracy"] = precision_accuracy(one, acc_cfg, plan.accuracy_epochs, self.work)
-            self.say(f"bf16 vs fp32 accuracy: {self.record['bf16_accuracy']}")
 
     def gpu(self) -> dict:
         epochs = SEED_PRESET["epochs"]
         if self.device.type == "cuda":
             seed = [r for r in self.record["training"] if r["model"] == "seed" and "error" not in r]
             return gpu_measured(seed, self.epoch_utterances, epochs)
-        best = self.record.get("best", {}).get("seed")
-        frac = None
-        if best:
-            frac = best["of_bf16_peak"] or best["of_fp32_peak"]
-        return gpu_estimate(self.epoch_utterances, epochs, frac)
+        best = self.record.get("best", {}).get("seed", {}).get("best_auto")
+        return gpu_estimate(self.epoch_utterances, epochs, best["of_ceiling"] if best else None)
 
 
 def _load() -> float | None:
@@ -703,6 +945,53 @@ def _plain(value):
 
 
 # --- the printed table -------------------------------------------------------------------------
+def _met(t: dict) -> str:
+    if t.get("met") is None:
+        return "does not apply (no native bf16)"
+    return "met" if t["met"] else "NOT met"
+
+
+def _gflops(x) -> str:
+    return f"{x / 1e9:.0f}" if x else "-"
+
+
+def ceiling_lines(record: dict) -> list[str]:
+    lines = []
+    for d, c in record["ceiling"].items():
+        per_library = {}
+        for p in c["passes"]:
+            for k in p["kernels"]:
+                if k["flops"]:
+                    per_library[k["library"]] = max(per_library.get(k["library"], 0), k["flops"])
+        passes = " / ".join(_gflops(p["flops"]) for p in c["passes"])
+        lines.append(f"GEMM ceiling {d}: {c['flops'] / 1e9:.0f} GFLOP/s ({c['library']}, "
+                     f"{'x'.join(map(str, c['shape']))}; passes before/after training {passes}; best per library: "
+                     + ", ".join(f"{lib} {_gflops(f)}" for lib, f in per_library.items()) + ")")
+    th = record.get("theoretical")
+    if th:
+        clock = f"{th['clock_hz'] / 1e9:.2f} GHz ({th['clock_source']})" if th["clock_hz"] else "clock not reported"
+        parts = []
+        for d in ("fp32", "bf16"):
+            t = th[d]
+            if t["flops"]:
+                measured = record["ceiling"][d]["flops"]
+                if measured > t["flops"]:  # the cores ran above the reported clock
+                    note = (f"the measured ceiling is above it: {measured / (th['cores'] * t['flop_per_cycle']) / 1e9:.2f}"
+                            f" GHz or more, so the clock reported is not the one the cores ran at")
+                else:
+                    note = f"the measured ceiling is {100 * measured / t['flops']:.0f} % of it"
+                parts.append(f"{d} {t['flops'] / 1e9:.0f} GFLOP/s ({t['flop_per_cycle']} FLOP/cycle/core, {t['basis']}; "
+                             f"{note})")
+            else:
+                parts.append(f"{d} not reported ({t['basis'] if t['flop_per_cycle'] is None else clock})")
+        lines.append(f"theoretical peak, {th['cores']} cores x {clock} x FLOP/cycle: " + "; ".join(parts))
+    for r in record.get("ceiling_incomplete", []):
+        lines.append(f"CEILING INCOMPLETE: {r['model']} batch {r['batch']} {r['variant']} ran at "
+                     f"{r['flops_per_s'] / 1e9:.0f} GFLOP/s, {100 * r['of_ceiling']:.0f} % of the {r['dtype']} ceiling: "
+                     f"a faster GEMM kernel exists that the ceiling does not measure")
+    return lines
+
+
 def format_table(record: dict) -> str:
     lines = []
     m = record["machine"]
@@ -711,33 +1000,43 @@ def format_table(record: dict) -> str:
     if m.get("load_before") is not None:
         lines.append(f"load average (1 min) before/after: {m['load_before']:.1f} / {m.get('load_after') or 0:.1f} "
                      f"on {m['cores']} cores (other processes slow every measurement; compare runs at low load)")
-    p = record["peak"]
-    passes = lambda d: " / ".join(f"{x['flops'] / 1e9:.0f}" for x in p[d]["passes"])
-    lines.append(f"matmul peak: fp32 {p['fp32']['flops'] / 1e9:.1f} GFLOP/s, bf16 {p['bf16']['flops'] / 1e9:.1f} "
-                 f"GFLOP/s (best of passes before/after training: fp32 {passes('fp32')}, bf16 {passes('bf16')})")
+    lines += ceiling_lines(record)
     lines.append("")
-    lines.append(f"{'model':<12} {'width':>5} {'batch':>5} {'variant':<26} {'samples/s':>9} {'GFLOP/s':>8} "
-                 f"{'of fp32 peak':>12} {'of bf16 peak':>12} {'compile s':>9}")
+    lines.append(f"{'model':<12} {'width':>5} {'batch':>5} {'variant':<26} {'dtype':>5} {'samples/s':>9} "
+                 f"{'GFLOP/s':>8} {'of ceiling':>10} {'auto':>4} {'compile s':>9}")
     for r in record["training"]:
         if "error" in r:
             lines.append(f"{r['model']:<12} {r['width']:>5} {r['batch']:>5} {r['variant']:<26} failed")
             continue
-        bf = f"{100 * r['of_bf16_peak']:.0f} %" if r.get("of_bf16_peak") is not None else "-"
         comp = f"{r['compile_s']:.0f}" if "compile_s" in r else "-"
-        lines.append(f"{r['model']:<12} {r['width']:>5} {r['batch']:>5} {r['variant']:<26} "
-                     f"{r['samples_per_s']:>9.2f} {r['flops_per_s'] / 1e9:>8.1f} {100 * r['of_fp32_peak']:>10.0f} % "
-                     f"{bf:>12} {comp:>9}")
+        lines.append(f"{r['model']:<12} {r['width']:>5} {r['batch']:>5} {r['variant']:<26} {r['dtype']:>5} "
+                     f"{r['samples_per_s']:>9.2f} {r['flops_per_s'] / 1e9:>8.1f} {100 * r['of_ceiling']:>8.0f} % "
+                     f"{'<-' if r['auto'] else '':>4} {comp:>9}")
+    lines.append("(of ceiling: against the GEMM ceiling of the row's dtype; auto <-: the precision precision=auto "
+                 "picks at that batch)")
     lines.append("")
+    for a in record.get("auto", []):
+        lines.append(f"precision=auto, {a['model']} at batch {a['batch']}: {a['precision']} "
+                     f"(bf16 {a['speedup']:.2f}x fp32; bf16 needs >= {MARGIN:.2f}x)")
     for model, b in record.get("best", {}).items():
-        lines.append(f"best {model}: {b['variant']} at batch {b['batch']}: {b['samples_per_s']:.2f} samples/s, "
-                     f"{100 * b['of_fp32_peak']:.0f} % of fp32 peak"
-                     + (f", {100 * b['of_bf16_peak']:.0f} % of bf16 peak" if b["of_bf16_peak"] else "")
-                     + (f", {b['speedup_vs_fp32_batch10']:.2f}x fp32 at batch 10" if b["speedup_vs_fp32_batch10"] else ""))
+        for label in ("best", "best_auto"):
+            if label in b:
+                x = b[label]
+                lines.append(f"best {model}{' in the auto precision' if label == 'best_auto' else ''}: "
+                             f"{x['variant']} at batch {x['batch']}: {x['samples_per_s']:.2f} samples/s, "
+                             f"{100 * x['of_ceiling']:.0f} % of the {x['dtype']} ceiling"
+                             + (f", {x['speedup_vs_plain']:.2f}x fp32 NCHW at batch {record['plan']['batches'][model][0]}"
+                                if x["speedup_vs_plain"] else ""))
     targets = record.get("targets", {})
-    if "seed_of_fp32_peak" in targets:
-        t = targets["seed_of_fp32_peak"]
-        lines.append(f"target: seed width >= {100 * t['target']:.0f} % of the fp32 matmul peak: "
-                     f"{100 * t['value']:.0f} % -> {'met' if t['met'] else 'NOT met'}")
+    for key, what in (("seed_of_ceiling", "seed width"), ("cpu_default_of_ceiling", "CPU default width")):
+        if key in targets:
+            t = targets[key]
+            lines.append(f"target: {what} >= {100 * t['target']:.0f} % of the ceiling (auto's precision): "
+                         f"{100 * t['value']:.0f} % -> {_met(t)}")
+    if "seed_speedup_vs_plain" in targets:
+        t = targets["seed_speedup_vs_plain"]
+        lines.append(f"target: seed width best (auto's precision) >= {t['target']:.1f}x the seed's loop (fp32, NCHW, "
+                     f"batch 10) on a CPU with native bf16: {t['value']:.2f}x -> {_met(t)}")
     if "loader" in record:
         ld = record["loader"]
         lines.append(f"data-loader wait: {100 * ld['wait_share']:.2f} % of step time (width {ld['width']}, batch "
@@ -757,11 +1056,6 @@ def format_table(record: dict) -> str:
         lines.append(f"peak memory of a {mem['1x']['steps']}-step training run: 1x corpus ({mem['1x']['rows']} clips) "
                      f"{mem['1x']['max_rss_mb']:.0f} MB RSS{cuda('1x')}; 4x corpus ({mem['4x']['rows']} clips) "
                      f"{mem['4x']['max_rss_mb']:.0f} MB{cuda('4x')}; ratio {mem['ratio_4x_1x']:.3f}")
-    if "bf16_accuracy" in record:
-        acc = record["bf16_accuracy"]
-        keys = [k for k in acc["fp32"] if k != "seconds"]
-        lines.append("accuracy after the same epochs, fp32 vs bf16: " + ", ".join(
-            f"{k} {acc['fp32'][k]:.2f}/{acc['bf16'].get(k, float('nan')):.2f}" for k in keys))
     g = record.get("gpu")
     if g:
         if g["measured"]:
@@ -779,17 +1073,19 @@ def format_table(record: dict) -> str:
 
 
 # --- command line ------------------------------------------------------------------------------
-BENCH_FIELDS = ("device", "threads", "width", "batch_size")  # Config fields the measurements follow
+BENCH_FIELDS = ("device", "threads", "width", "batch_size", "epochs")  # Config fields the measurements follow
 
 
 def parser() -> argparse.ArgumentParser:
     from voxlib.cli import make_parser
 
     def own(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--quick", action="store_true", help="fewer repeats and sizes: about 10 minutes on 2 CPU cores")
+        p.add_argument("--quick", action="store_true", help="fewer repeats and sizes: about 3-4 minutes on 2 CPU cores")
         p.add_argument("--out", default="", help="folder for <timestamp>.json (default OUTPUTS/bench)")
         p.add_argument("--epoch-utterances", type=int, default=DEFAULT_EPOCH_UTTERANCES,
                        help="utterances per epoch for the seed protocol's wall-time estimate")
+        p.add_argument("--parity", action="store_true",
+                       help="instead: train the demo corpus in fp32 and bf16 over seeds 0, 1, 2 and compare accuracies")
         p.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
         p.add_argument("--cache-dir", dest="cache_dir", default=None, help=argparse.SUPPRESS)
         p.add_argument("--steps", type=int, default=4, help=argparse.SUPPRESS)
@@ -806,6 +1102,15 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(cfg.device)
     if args.probe_memory:
         print(json.dumps(memory_probe(args.probe_memory, cfg, device, args.steps)))
+        return 0
+    if args.parity:
+        result = parity(cfg)
+        out = Path(args.out) if args.out else outputs_dir() / "bench"
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"parity-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps(_plain(result), indent=1))
+        print(format_parity(result))
+        print(f"\nwritten {path}")
         return 0
     plan = Plan.quick(cfg) if args.quick else Plan.full(cfg)
     run_bench(plan, cfg, device, args.epoch_utterances, Path(args.out) if args.out else None, quick=args.quick)

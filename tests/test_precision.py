@@ -1,0 +1,141 @@
+"""precision=auto: picks the faster precision by measurement on CPU, caches it, leaves the run unchanged.
+
+The steps here are fakes whose cost is set by the test (a fixed number of matrix products), so the
+faster precision is known in advance by a wide margin, without timing assertions on the machine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from voxlib import precision
+from voxlib.config import Config
+
+SHAPE = {"width": 0.25, "heads": {"speaker": 40, "birthplace": 8, "sex": 2}, "batch": 32, "channels_last": True}
+
+
+class FakeSteps:
+    """make_step for resolve_precision: ``work[p]`` matrix products per step; counts every call."""
+
+    def __init__(self, work: dict[str, int]):
+        self.work, self.built, self.calls = work, [], {p: 0 for p in work}
+        self.a = torch.rand(192, 192)
+
+    def __call__(self, p: str):
+        self.built.append(p)
+        torch.rand(10)  # building a throwaway model draws from the global RNG, as a real one does
+
+        def step():
+            self.calls[p] += 1
+            np.random.rand(3), random.random(), torch.randn(4)  # so does a training step
+            for _ in range(self.work[p]):
+                self.a @ self.a
+        return step
+
+
+def cfg_for(tmp_path, **kw) -> Config:
+    return Config(cache_dir=str(tmp_path / "cache"), **kw)
+
+
+@pytest.mark.parametrize("faster", ["fp32", "bf16"])
+def test_the_faster_precision_is_chosen_and_recorded(tmp_path, faster):
+    slower = "bf16" if faster == "fp32" else "fp32"
+    steps = FakeSteps({faster: 2, slower: 40})
+    choice = precision.resolve_precision(cfg_for(tmp_path), torch.device("cpu"), steps, SHAPE)
+    assert choice.precision == faster and choice.how == "measured"
+    assert sorted(steps.built) == ["bf16", "fp32"]
+    assert steps.calls == {"fp32": precision.WARMUP_STEPS + precision.TIMED_ROUNDS,
+                           "bf16": precision.WARMUP_STEPS + precision.TIMED_ROUNDS}
+    speeds = choice.samples_per_s
+    assert speeds[faster] > 5 * speeds[slower]
+    assert choice.speedup == pytest.approx(speeds["bf16"] / speeds["fp32"])
+    record = choice.as_dict()
+    assert record["precision"] == faster and record["samples_per_s"] == speeds and record["key"] == choice.key
+    assert record["key_fields"]["batch"] == 32 and record["key_fields"]["torch"] == torch.__version__
+    json.dumps(record)  # training writes it to the run folder as JSON
+
+
+def test_a_gain_inside_the_margin_stays_fp32():
+    assert precision.choose({"fp32": 100.0, "bf16": 109.0}) == "fp32"
+    assert precision.choose({"fp32": 100.0, "bf16": 111.0}) == "bf16"
+    assert precision.choose({"fp32": 100.0, "bf16": 60.0}) == "fp32"
+
+
+def test_second_resolution_is_served_from_the_cache_without_a_step(tmp_path):
+    cfg = cfg_for(tmp_path)
+    first = precision.resolve_precision(cfg, torch.device("cpu"), FakeSteps({"fp32": 40, "bf16": 2}), SHAPE)
+    again = FakeSteps({"fp32": 40, "bf16": 2})
+    second = precision.resolve_precision(cfg, torch.device("cpu"), again, SHAPE)
+    assert again.built == [] and again.calls == {"fp32": 0, "bf16": 0}
+    assert (second.precision, second.how, second.key) == ("bf16", "cached", first.key)
+    assert second.samples_per_s == first.samples_per_s
+    # another model shape or batch is another decision
+    other = FakeSteps({"fp32": 2, "bf16": 40})
+    third = precision.resolve_precision(cfg, torch.device("cpu"), other, {**SHAPE, "batch": 10})
+    assert third.how == "measured" and third.precision == "fp32" and third.key != first.key
+    stored = json.loads((tmp_path / "cache" / "precision.json").read_text())
+    assert set(stored["decisions"]) == {first.key, third.key}
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 99}), json.dumps([1, 2])])
+def test_a_corrupt_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, caplog, content):
+    path = tmp_path / "cache" / "precision.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    steps = FakeSteps({"fp32": 2, "bf16": 40})
+    with caplog.at_level(logging.WARNING, logger="voxlib.precision"):
+        choice = precision.resolve_precision(cfg_for(tmp_path), torch.device("cpu"), steps, SHAPE)
+    assert choice.how == "measured" and choice.precision == "fp32"
+    assert any(str(path) in r.getMessage() for r in caplog.records)
+    stored = json.loads(path.read_text())
+    assert stored["version"] == precision.CACHE_VERSION and choice.key in stored["decisions"]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".precision.json.")]  # no temp left
+
+
+def test_measuring_leaves_every_rng_where_it_was(tmp_path):
+    steps = FakeSteps({"fp32": 1, "bf16": 1})
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    expected = (torch.rand(5), np.random.rand(5), [random.random() for _ in range(5)])
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    choice = precision.resolve_precision(cfg_for(tmp_path), torch.device("cpu"), steps, SHAPE)
+    assert choice.how == "measured" and steps.calls["fp32"] > 0
+    got = (torch.rand(5), np.random.rand(5), [random.random() for _ in range(5)])
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_rng_is_restored_when_a_step_fails(tmp_path):
+    def make_step(p):
+        def step():
+            torch.rand(3)
+            raise RuntimeError("out of memory")
+        return step
+
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        precision.resolve_precision(cfg_for(tmp_path), torch.device("cpu"), make_step, SHAPE)
+    assert torch.equal(torch.rand(3), expected)
+    assert not (tmp_path / "cache" / "precision.json").exists()
+
+
+def test_cuda_is_bf16_and_explicit_settings_win_without_measuring(tmp_path):
+    never = FakeSteps({"fp32": 1, "bf16": 1})
+    cuda = precision.resolve_precision(cfg_for(tmp_path), torch.device("cuda"), never, SHAPE)
+    assert (cuda.precision, cuda.how) == ("bf16", "device")
+    for asked in ("fp32", "bf16"):
+        for device in ("cpu", "cuda"):
+            choice = precision.resolve_precision(cfg_for(tmp_path, precision=asked), torch.device(device), never, SHAPE)
+            assert (choice.precision, choice.how) == (asked, "asked")
+    assert never.built == [] and not (tmp_path / "cache").exists()
+
+
+def test_the_key_names_machine_torch_and_shape():
+    fields = precision.machine_key(torch.device("cpu"))
+    assert fields["torch"] == torch.__version__ and fields["threads"] == torch.get_num_threads()
+    assert fields["cpu"] and len(fields["cpu_flags"]) == 16
