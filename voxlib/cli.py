@@ -35,7 +35,8 @@ MESSAGE_LINES = 12  # a problem list (ManifestError) prints this many of its lin
 # import torch (train), pandas (evaluate) or the corpus readers to recognise them.
 USAGE_ERRORS = ("ConfigError",)
 RUN_ERRORS = ("ManifestError", "RunError", "CheckpointError", "TrainingError", "CorpusError", "DemoCorpusError",
-              "ReportError", "AudioError", "LockedError", "ProbeUnavailable", "ValueError")
+              "ReportError", "AudioError", "LockedError", "ProbeUnavailable", "FolderError", "PredictError",
+              "WriteError", "FeatureCacheError", "ValueError")
 PATH_ERRORS = {"FileNotFoundError": "no such file or folder", "PermissionError": "permission denied",
                "IsADirectoryError": "is a folder, not a file", "NotADirectoryError": "not a folder",
                "FileExistsError": "already exists"}

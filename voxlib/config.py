@@ -59,26 +59,6 @@ def project_root() -> Path:
     return _checkout() or Path.cwd()
 
 
-def git_commit() -> str | None:
-    """The commit of the checkout voxlib itself runs from, or None (an installed package, no git).
-
-    Asked in voxlib's own folder, and only when that folder is inside the repository git finds, so
-    an unrelated repository around the working directory is never recorded as vox's commit.
-    """
-    import subprocess
-
-    package = Path(__file__).resolve().parent
-    try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = top.stdout.split()
-    if top.returncode != 0 or len(lines) != 2 or not package.is_relative_to(Path(lines[0]).resolve()):
-        return None
-    return lines[1]
-
-
 def outputs_dir() -> Path:
     """Where run artefacts go: ``$VOX_OUTPUTS`` (every command's ``--outputs`` sets it), else
     ``outputs/`` of the checkout holding voxlib, else ``./outputs`` of the working directory."""

@@ -371,7 +371,8 @@ def load_run_data(cfg, *, in_turn: Callable[[Callable[[], Any]], Any] | None = N
     path = run(lambda: manifest_path(cfg))
     manifest = run(lambda: read_manifest(
         path, on_bad_file=cfg.on_bad_file, allow_outside_paths=cfg.allow_outside_paths,
-        sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, progress=progress, cache_dir=cfg.cache_dir or None))
+        sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, progress=progress, cache_dir=cfg.cache_dir or None,
+        speaker_labels=cfg.speaker_label_names(), label_conflicts=cfg.label_conflicts))
     if progress:
         for note in manifest.notices:
             log.info("%s", note)

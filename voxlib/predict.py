@@ -300,7 +300,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from voxlib.cli import log_to
+
+    log_to(sys.stderr)
     args = parser().parse_args(argv)
     if bool(args.inputs) == bool(args.manifest):
         parser().error("give audio PATHs or --manifest, not both and not neither")
@@ -342,4 +344,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from voxlib.cli import run_command
+
+    sys.exit(run_command(main))

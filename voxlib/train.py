@@ -81,10 +81,38 @@ class TrainingError(RuntimeError):
 
 # --- process-wide settings ---------------------------------------------------------------------
 def resolve_precision(cfg: Config, device: torch.device) -> str:
-    """The precision a new run trains in: "bf16" or "fp32" (asked for; bf16 on CUDA; fp32 else)."""
+    """The precision rule without measuring: asked for; bf16 on CUDA; fp32 elsewhere."""
     if cfg.precision != "auto":
         return cfg.precision
     return "bf16" if device.type == "cuda" else "fp32"
+
+
+def choose_precision(cfg: Config, data: RunData, env: Dist) -> dict:
+    """A new run's precision: on CPU ``auto`` times this run's own TrainStep in fp32 and bf16
+    (voxlib.precision, cached per machine and model shape). Returns the choice as a plain record."""
+    from dataclasses import asdict
+
+    from voxlib import precision as precision_module
+
+    if env.active and cfg.precision == "auto" and env.device.type == "cpu":
+        # every process must train in one precision: no per-rank measurement under torchrun on CPU
+        return {"precision": "fp32", "how": "device (torchrun on CPU: not measured)"}
+    local_batch = max(1, cfg.batch_size // env.world)
+
+    def make_step(precision: str) -> Callable[[], None]:
+        net = build_model(cfg, data.head_sizes, Dist(device=env.device), cfg.channels_last)
+        loss, head_weight = make_loss(cfg, data, Dist(device=env.device))
+        step = TrainStep(net, net, make_optimizer(cfg, net), loss, head_weight, Dist(device=env.device), precision,
+                         cfg.channels_last, cfg.nan_policy)
+        x = torch.rand(local_batch, 1, cfg.n_frames, cfg.n_frames)
+        y = {h: torch.randint(0, n, (local_batch,)) for h, n in data.head_sizes.items()}
+        net.train()
+        return lambda: step(x, y, Tally(len(data.heads)), measure_grad=bool(cfg.grad_log_every))
+
+    shape = {"width": cfg.width, "heads": data.head_sizes, "batch": local_batch, "channels_last": cfg.channels_last,
+             "compile": cfg.compile}
+    choice = precision_module.resolve_precision(cfg, env.device, make_step, shape)
+    return asdict(choice)
 
 
 def uses_bf16(cfg: Config, device: torch.device) -> bool:
@@ -639,12 +667,12 @@ def write_outputs(run_dir: Path, parts: Parts, data: RunData, cfg: Config, env: 
     runfolder.write_json(run_dir, runfolder.SUMMARY, summary)
 
 
-def write_run_files(run_dir: Path, cfg: Config, data: RunData, precision: str) -> None:
+def write_run_files(run_dir: Path, cfg: Config, data: RunData, choice: dict) -> None:
     """config.json (the record of this launch), labels.json, splits.csv and the rejected clips."""
     from voxlib.config import git_commit
 
     record = {**cfg.to_dict(), "voxlib_version": __version__, "git_commit": git_commit(),
-              "manifest_digest": data.manifest.digest, "cache_key": data.cache.key, "precision_used": precision}
+              "manifest_digest": data.manifest.digest, "cache_key": data.cache.key, "precision_used": choice["precision"], "precision_choice": choice}
     (run_dir / runfolder.CHECKPOINTS).mkdir(exist_ok=True)
     runfolder.write_json(run_dir, runfolder.CONFIG, record)
     runfolder.write_json(run_dir, runfolder.LABELS, data.vocab)
@@ -711,7 +739,9 @@ def run_training(cfg: Config, env: Dist) -> Path:
                 raise TrainingError(f"run folder {run_dir} was trained with different settings; refusing to "
                                     f"resume: " + "; ".join(changed) + ". Use a new --run-dir, or restore the "
                                     f"settings to continue that run.")
-        precision = precision or resolve_precision(cfg, env.device)
+        choice = {"precision": precision, "how": "resumed: the precision the run started with"} if precision \
+            else choose_precision(cfg, data, env)
+        precision = choice["precision"]
         parts = build_parts(cfg, data, env, precision)
         progress = {"epoch": 0, "best": None, "skipped_batches": 0, "early_stop": None}
         last = run_dir / runfolder.CHECKPOINTS / runfolder.LAST
@@ -727,7 +757,7 @@ def run_training(cfg: Config, env: Dist) -> Path:
             if progress["epoch"]:
                 log.info("resuming %s after epoch %d", run_dir, progress["epoch"])
             (run_dir / runfolder.SUMMARY).unlink(missing_ok=True)  # no longer complete
-            write_run_files(run_dir, cfg, data, precision)
+            write_run_files(run_dir, cfg, data, choice)
             runfolder.write_metrics(run_dir, [], keep_until=progress["epoch"])
             for stale in (run_dir / runfolder.CHECKPOINTS).glob(".*.tmp*"):  # left by a crash mid-save
                 stale.unlink()
@@ -817,19 +847,17 @@ def _to_tuple(value):
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from voxlib.cli import parse_config
+    from voxlib.cli import log_to, parse_config, training_summary
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse_config(argv)
-    try:
-        run_dir = train(cfg)
-    except (TrainingError, CheckpointError, ConfigError, runfolder.FolderError, WriteError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    log_to(sys.stderr)
+    run_dir = train(parse_config(argv, description=__doc__.split("\n\n")[0]))
     if int(os.environ.get("RANK", "0")) == 0:
+        print(training_summary(run_dir), file=sys.stderr)
         print(run_dir)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from voxlib.cli import run_command
+
+    sys.exit(run_command(main))
