@@ -176,10 +176,10 @@ def test_sigterm_ends_the_command_like_ctrl_c(capsys):
 def test_a_command_prints_one_line_not_a_traceback(tmp_path):
     env = dict(os.environ, VOX_OUTPUTS=str(tmp_path))
     env.pop("VOX_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "voxlib.demo", "--demo-utterances", "1"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "voxlib.demo", "--demo-utterances", "0"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_USAGE
-    assert proc.stderr == "error: parameter 'demo_utterances' must be in [2, 1000], got 1\n"
+    assert proc.stderr == "error: parameter 'demo_utterances' must be in [1, 1000], got 0\n"
 
 
 # --- git commit and summary ----------------------------------------------------------------------

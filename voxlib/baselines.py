@@ -28,7 +28,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from voxlib.audio import load_audio
 from voxlib.evaluate import SEEN_SPLITS, UNSEEN_SPLITS, Run, load_run

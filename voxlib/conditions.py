@@ -43,7 +43,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedGroupKFold
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from voxlib.audio import segment_frames
 

@@ -367,16 +367,19 @@ def load_run_data(cfg, *, in_turn: Callable[[Callable[[], Any]], Any] | None = N
     from voxlib.corpora.source import manifest_path
     from voxlib.features import FeatureCache
 
+    import sys
+
     run = in_turn or (lambda fn: fn())
+    bars = progress and sys.stderr.isatty()  # in notebooks and logs a bar's every refresh becomes a line
     path = run(lambda: manifest_path(cfg))
     manifest = run(lambda: read_manifest(
         path, on_bad_file=cfg.on_bad_file, allow_outside_paths=cfg.allow_outside_paths,
-        sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, progress=progress, cache_dir=cfg.cache_dir or None,
+        sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, progress=bars, cache_dir=cfg.cache_dir or None,
         speaker_labels=cfg.speaker_label_names(), label_conflicts=cfg.label_conflicts))
     if progress:
         for note in manifest.notices:
             log.info("%s", note)
-    cache = run(lambda: FeatureCache.build_or_open(manifest, cfg, progress=progress, workers=workers))
+    cache = run(lambda: FeatureCache.build_or_open(manifest, cfg, progress=bars, workers=workers))
     table = manifest.table
     splits = make_splits(table, cfg)
     vocab = build_vocabularies(table, splits, cfg.head_names() or list(manifest.label_columns))

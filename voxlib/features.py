@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from voxlib import __version__
 from voxlib.audio import load_audio

@@ -37,8 +37,12 @@ def styled(table: pd.DataFrame):
     """The table as a notebook shows it: shares as percent with one decimal, other floats to 3 digits."""
     shares = [c for c in table.columns if c in SHARE_COLUMNS]
     floats = [c for c in table.select_dtypes("float").columns if c not in SHARE_COLUMNS]
+    texts = [c for c in table.columns if c not in shares and c not in floats]
+    # label names come from the corpus: escaped, so a label like <script> shows as text
     return (table.style.format(PERCENT, subset=shares, na_rep="")
-            .format("{:.3g}", subset=floats, na_rep=""))
+            .format("{:.3g}", subset=floats, na_rep="")
+            .format(escape="html", subset=texts)
+            .format_index(escape="html", axis=0).format_index(escape="html", axis=1))
 
 
 def _percent_axis(axis) -> None:

@@ -44,7 +44,7 @@ from voxlib.distributed import pick_device
 from voxlib.inference import crop_averaged
 from voxlib.model import load_discriminator
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("voxlib.predict")  # not __name__: "__main__" under python -m
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff")
 EVAL_SPLITS = ("seen_test", "unseen_test")  # evaluated utterances of training / other speakers
@@ -139,7 +139,7 @@ class Classifier:
         predictions has ``index`` (position in ``clips``), ``path``, and per head the columns of
         predictions.csv except ``_true``.
         """
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         clips = [c if isinstance(c, Clip) else Clip(str(c)) for c in clips]
         rejected: list[tuple[str, str]] = []

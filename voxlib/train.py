@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from voxlib import __version__, runfolder
 from voxlib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -59,7 +59,7 @@ from voxlib.heap import keep_freed_memory
 from voxlib.inference import autocast_for, crop_averaged
 from voxlib.model import Discriminator
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("voxlib.train")  # not __name__: that is "__main__" under python -m
 
 EMBED_TRAIN_MAX = 2000  # train utterances sampled into embeddings.npz
 RECORD_FIELDS = ("manifest_digest", "cache_key")

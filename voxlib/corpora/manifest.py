@@ -32,7 +32,7 @@ import multiprocessing
 import numpy as np
 import pandas as pd
 import soundfile as sf
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from voxlib.audio import load_audio, segment_frames
 from voxlib.config import outputs_dir
