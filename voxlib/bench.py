@@ -1113,7 +1113,7 @@ def format_table(record: dict) -> str:
         fe = record["features"]
         lines.append(f"feature cache build ({fe['workers']} workers): {fe['cache_s']:.2f} s vs librosa.load+stft loop "
                      f"{fe['librosa_s']:.2f} s on {fe['clips']} clips ({fe['audio_s']:.0f} s of audio), best of "
-                     f"{len(fe['cache_times'])} alternating rounds: {fe['speedup']:.1f}x faster "
+                     f"{len(fe['cache_times'])} alternating rounds: {fe['speedup']:.2f}x faster "
                      f"-> {'met' if targets['cache_speedup']['met'] else 'NOT met'} (target >= 3x; "
                      f"max |difference| {fe['max_abs_diff']:.4f})")
     if "memory" in record:
