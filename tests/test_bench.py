@@ -47,7 +47,10 @@ def test_training_rows_are_derived_from_step_times_and_flop_counts(record):
         assert r["step_flops"] == flops
         assert r["samples_per_s"] == pytest.approx(r["batch"] / r["step_s"])
         assert r["flops_per_s"] == pytest.approx(flops / r["step_s"])
-        assert r["step_s"] <= r["median_step_s"] + 1e-12
+        # training's step: every grad_log_every-th step also measures the heads' gradient norms
+        if r["grad_step_s"] is not None and r["plain_step_s"] != r["grad_step_s"]:
+            extra = (r["grad_step_s"] - r["plain_step_s"]) / r["grad_log_every"]
+            assert r["step_s"] == pytest.approx(r["plain_step_s"] + extra)
         assert r["dtype"] == ("bf16" if "bf16" in r["variant"] else "fp32")
         assert r["channels_last"] == ("channels_last" in r["variant"])
         # each row against the ceiling of the dtype its step runs in, never clipped
@@ -163,6 +166,18 @@ def test_loader_features_and_memory_sections(record):
     assert 0 <= loader["wait_share"] < 1 and loader["steps"] == 3 and loader["batch"] == 4
     assert loader["wait_s"] <= loader["step_s"] * loader["steps"]
     assert record["targets"]["loader_wait_share"]["met"] == (loader["wait_share"] <= 0.05)
+    # training's own parts in the precision training resolves (train.choose_precision)
+    auto = record["auto_run"]
+    assert auto["how"] == "measured" and set(auto["samples_per_s"]) == {"fp32", "bf16"}
+    assert loader["precision"] == auto["precision"] and loader["verify"] is True
+    assert loader["clips"] < 48 and loader["steps_per_epoch"] == loader["clips"] // 4  # the 4x corpus's train split
+    verify = record["verification"]
+    assert verify["rows"] == 48 and verify["verify_s"] == min(verify["rounds"]["True"])
+    assert verify["per_row_ms"] == pytest.approx(max(verify["verify_s"] - verify["plain_s"], 0) / 48 * 1e3)
+    assert verify["share_of_step"] == pytest.approx(verify["per_row_ms"] / 1e3 * 4 / loader["step_s"])
+    predict = record["predict"]
+    assert predict["clips"] == 12 and predict["precision"] == auto["precision"]
+    assert predict["clips_per_s"] == pytest.approx(12 / predict["seconds"]) and predict["seconds"] == min(predict["times"])
     features = record["features"]
     assert record["targets"]["cache_speedup"]["met"] == (features["speedup"] >= 3)
     assert features["clips"] == 2 * 2 * 2 * 3  # the corpus listed cache_copies = 2 times
@@ -193,7 +208,8 @@ def test_table_mentions_every_section(record):
     table = bench.format_table(record)
     for needle in ("GEMM ceiling fp32", "GEMM ceiling bf16", "theoretical peak", "of ceiling", "precision=auto",
                    "data-loader wait", "feature cache build", "peak memory", "seed protocol GPU estimate",
-                   "target: seed width", "target: CPU default width"):
+                   "target: seed width", "target: CPU default width", "feature-cache verification",
+                   "predict (predict.Classifier)", "as training resolves it"):
         assert needle in table
     rows = [line for line in table.splitlines() if re.match(r"(seed|cpu_default) +0\.\d+ +\d+ ", line)]
     assert len(rows) == len(record["training"])

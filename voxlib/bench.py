@@ -328,58 +328,57 @@ def _auto_pair(rows, model, batch, channels_last) -> dict | None:
 
 
 # --- training steps ----------------------------------------------------------------------------
-class TrainStep:
-    """One training step as train.py takes it: forward (autocast for bf16), per-head cross-entropy,
-    backward, RMSprop update, on synthetic input in [0, 1] with the model in train mode."""
+class BenchStep:
+    """training's own ``train.TrainStep``, built as ``train.build_parts`` builds it (model, optimizer,
+    per-head loss with global denominators, autocast, channels_last, compiled trunk), on one
+    synthetic batch in [0, 1] with the model in train mode. Every ``grad_log_every``-th call also
+    measures the per-head gradient norms, as training does; each call pays training's host syncs.
+    """
 
     def __init__(self, width: float, head_sizes: dict[str, int], variant: Variant, device: torch.device,
-                 batch: int, seed: int = 0, lr: float = 1e-5):
+                 batch: int, cfg: Config | None = None, seed: int = 0):
+        from voxlib.distributed import Dist
+        from voxlib.train import HeadLoss, Tally, TrainStep, build_model, make_optimizer
+
+        cfg = replace(cfg or Config(), width=width)
+        env = Dist(device=device)
         torch.manual_seed(seed)
-        self.variant, self.device = variant, device
-        self.net = Discriminator(head_sizes, width).to(device)
-        if variant.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        self.net = build_model(cfg, head_sizes, env, variant.channels_last)
         self.net.train()
-        if variant.compile:  # the trunk, as train.py compiles it
+        if variant.compile:  # the trunk, as build_parts compiles it
             self.net.trunk = torch.compile(self.net.trunk)
-        self.optimizer = torch.optim.RMSprop(self.net.parameters(), lr=lr)
+        heads = list(head_sizes)
+        loss = HeadLoss(heads, {h: None for h in heads}, cfg.label_smoothing, env)
+        self.step = TrainStep(self.net, self.net, make_optimizer(cfg, self.net), loss, {h: 1.0 for h in heads}, env,
+                              "bf16" if variant.bf16 else "fp32", variant.channels_last, cfg.nan_policy)
+        self.tally, self.grad_every, self.calls = Tally(len(heads)), cfg.grad_log_every, 0
         self.flops = count_flops(self.net, batch, training=True)
         gen = torch.Generator().manual_seed(seed)
-        self.x = torch.rand(batch, 1, 256, 256, generator=gen)
+        self.x = torch.rand(batch, 1, INPUT_SIZE, INPUT_SIZE, generator=gen)
         self.y = {h: torch.randint(0, n, (batch,), generator=gen) for h, n in head_sizes.items()}
-        self.x, self.y = self.to_device(self.x, self.y)
 
-    def to_device(self, x: torch.Tensor, y: dict) -> tuple[torch.Tensor, dict]:
-        x = x.to(self.device, non_blocking=True)
-        if self.variant.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, {h: t.to(self.device, non_blocking=True) for h, t in y.items()}
+    def measures_grad(self) -> bool:
+        """Whether the next call is one of training's gradient-norm steps."""
+        return bool(self.grad_every) and self.calls % self.grad_every == 0
 
-    def autocast(self):
-        if self.variant.bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def __call__(self, x: torch.Tensor | None = None, y: dict | None = None) -> float:
-        x, y = (self.x, self.y) if x is None else (x, y)
-        with self.autocast():
-            logits = self.net(x)
-        loss = sum(F.cross_entropy(logits[h].float(), y[h]) for h in y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss
+    def __call__(self) -> None:
+        bad = self.step(self.x, self.y, self.tally, measure_grad=self.measures_grad())
+        self.calls += 1
+        if bad:
+            raise RuntimeError(f"non-finite loss in head(s) {bad} on the synthetic batch")
 
 
 def time_training(width: float, head_sizes: dict, batch: int, variant: Variant, device: torch.device,
-                  warmup: int, steps: int, min_time_s: float = 0.0) -> dict:
-    """Samples/s of the best timed step after ``warmup`` (compile time reported apart).
+                  warmup: int, steps: int, min_time_s: float = 0.0, cfg: Config | None = None) -> dict:
+    """Samples/s of training's step after ``warmup`` (compile time reported apart).
 
     At least ``steps`` steps are timed, and more until they add up to ``min_time_s`` (at most
     ``MAX_TIMED_STEPS``): a small model's step takes 50 ms, and a burst of load from a neighbour
-    lasting half a second would otherwise slow every one of its steps.
+    lasting half a second would otherwise slow every one of its steps. The first timed step is a
+    gradient-norm step; the step time is the best plain step plus 1/``grad_log_every`` of the extra
+    time of the best gradient-norm step, which is what an epoch pays per step.
     """
-    step = TrainStep(width, head_sizes, variant, device, batch)
+    step = BenchStep(width, head_sizes, variant, device, batch, cfg)
     first = None
     for i in range(warmup):
         t0 = time.perf_counter()
@@ -387,16 +386,21 @@ def time_training(width: float, head_sizes: dict, batch: int, variant: Variant, 
         sync(device)
         if i == 0:
             first = time.perf_counter() - t0
-    times = []
-    while len(times) < steps or (sum(times) < min_time_s and len(times) < MAX_TIMED_STEPS):
+    step.calls = 0
+    plain, grad = [], []
+    while len(plain) + len(grad) < steps or (sum(plain) + sum(grad) < min_time_s
+                                             and len(plain) + len(grad) < MAX_TIMED_STEPS):
+        kind = grad if step.measures_grad() else plain
         t0 = time.perf_counter()
         step()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    best = min(times)
+        kind.append(time.perf_counter() - t0)
+    best_plain = min(plain) if plain else min(grad)
+    best = best_plain + (min(grad) - best_plain) / step.grad_every if grad and plain else best_plain
     result = {"variant": variant.name, "dtype": "bf16" if variant.bf16 else "fp32",
-              "channels_last": variant.channels_last, "compile": variant.compile,
-              "batch": batch, "step_s": best, "median_step_s": float(np.median(times)),
+              "channels_last": variant.channels_last, "compile": variant.compile, "batch": batch,
+              "step_s": best, "plain_step_s": best_plain, "grad_step_s": min(grad) if grad else None,
+              "grad_log_every": step.grad_every, "median_step_s": float(np.median(plain or grad)),
               "samples_per_s": batch / best, "flops_per_s": step.flops / best, "step_flops": step.flops}
     if variant.compile and first is not None:
         result["compile_s"] = max(first - best, 0.0)
@@ -468,82 +472,106 @@ def _write_manifest(path: Path, rows: list[tuple]) -> Path:
     return path
 
 
-def open_corpus(manifest_path: Path, cfg: Config):
-    """(manifest, feature cache, targets per head over all rows, head sizes)."""
-    from voxlib.corpora.manifest import read_manifest
-    from voxlib.features import FeatureCache
+def run_data(manifest_path: Path, cfg: Config):
+    """The corpus as training sees it (``data.load_run_data``: cache, splits, vocabularies, targets)."""
+    from voxlib.data import load_run_data
 
-    manifest = read_manifest(manifest_path, sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, progress=False,
-                             cache_dir=cfg.cache_dir)
-    cache = FeatureCache.build_or_open(manifest, cfg, progress=False)
-    targets, sizes = {}, {}
-    for head in cfg.head_names():
-        codes, classes = np.unique(manifest.table[head].astype(str), return_inverse=True)
-        targets[head], sizes[head] = classes.astype(np.int64), len(codes)
-    return manifest, cache, targets, sizes
+    return load_run_data(replace(cfg, manifest=str(manifest_path)), progress=False)
 
 
-def train_loader(cache, targets: dict, cfg: Config, device: torch.device, seed: int = 0):
-    """The training DataLoader as train.py builds it for one process on ``device``."""
-    from torch.utils.data import DataLoader
+def auto_precision(data, cfg: Config, device: torch.device) -> dict:
+    """What ``precision=auto`` picks for a run of ``cfg`` on ``data``: training's own choice
+    (``train.choose_precision``), measured here afresh (the bench's cache folder starts empty)."""
+    from voxlib.distributed import Dist
+    from voxlib.train import choose_precision
 
-    from voxlib.data import CropDataset
-
-    rows = np.arange(len(cache))
-    data = CropDataset(cache, rows, targets, cfg.n_frames, train=True, seed=seed)
-    workers, pin = loader_settings(cfg, device)
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen,
-                        num_workers=workers, pin_memory=pin, persistent_workers=False)
-    return data, loader
-
-
-def loader_settings(cfg: Config, device: torch.device) -> tuple[int, bool]:
-    """(workers, pin_memory) that train.py uses for ``cfg`` on ``device`` in a single process."""
-    from voxlib.train import loader_settings as train_loader_settings
-
-    return train_loader_settings(cfg, device, world=1)
-
-
-def training_variant(cfg: Config, device: torch.device) -> Variant:
-    """The variant train.py runs for ``cfg`` on ``device``."""
-    from voxlib.train import uses_bf16, uses_channels_last
-
-    return Variant("train.py default", bf16=uses_bf16(cfg, device), channels_last=uses_channels_last(cfg, device),
-                   compile=cfg.compile)
+    return choose_precision(replace(cfg, precision="auto"), data, Dist(device=device))
 
 
 # --- data-loader wait --------------------------------------------------------------------------
-def loader_wait(cache, targets: dict, head_sizes: dict, cfg: Config, device: torch.device, steps: int) -> dict:
-    """Share of step time spent blocked in next(loader) while training from the feature cache."""
-    variant = training_variant(cfg, device)
-    step = TrainStep(cfg.width, head_sizes, variant, device, cfg.batch_size, seed=cfg.seed)
-    data, loader = train_loader(cache, targets, cfg, device, seed=cfg.seed)
+def loader_wait(data, cfg: Config, device: torch.device, precision: str, steps: int) -> dict:
+    """Share of step time spent blocked in next(loader) while training's parts (``train.build_parts``:
+    its loader, sampler, workers and step) train from the feature cache, each row's checksum checked
+    on its first read in a worker, as in training."""
+    from voxlib.distributed import Dist
+    from voxlib.train import Tally, build_parts
+
+    parts = build_parts(cfg, data, Dist(device=device), precision)
+    loader = parts.train_loader
     if len(loader) == 0:
-        raise ValueError(f"corpus of {len(data)} clips is smaller than one batch of {cfg.batch_size}")
+        raise ValueError(f"training split of {len(loader.dataset)} clips is smaller than one batch of {cfg.batch_size}")
+    parts.model.train()
+    tally = Tally(len(data.heads))
     waits, totals, epoch = [], [], 0
     while len(totals) < steps + 1:
-        data.set_epoch(epoch)
+        epoch += 1
+        parts.sampler.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)
         it = iter(loader)
-        while len(totals) < steps + 1:
-            t0 = time.perf_counter()
-            try:
-                x, y, _ = next(it)
-            except StopIteration:
+        for i in range(len(loader)):
+            if len(totals) >= steps + 1:
                 break
+            t0 = time.perf_counter()
+            x, y, _ = next(it)
             t1 = time.perf_counter()
-            step(*step.to_device(x, y))
+            parts.step(x, y, tally, measure_grad=bool(cfg.grad_log_every) and i % cfg.grad_log_every == 0)
             sync(device)
             waits.append(t1 - t0)
             totals.append(time.perf_counter() - t0)
-        epoch += 1
+        del it
     # the first step also starts workers and warms the model up: reported, not averaged in
     wait, total = sum(waits[1:]), sum(totals[1:])
-    workers, pin = loader_settings(cfg, device)
-    return {"steps": steps, "batch": cfg.batch_size, "width": cfg.width, "variant": variant.name,
-            "bf16": variant.bf16, "channels_last": variant.channels_last, "num_workers": workers,
-            "pin_memory": pin, "wait_s": wait, "step_s": total / steps, "wait_share": wait / total,
-            "first_wait_s": waits[0], "clips": len(data)}
+    return {"steps": steps, "batch": parts.local_batch, "width": cfg.width, "precision": precision,
+            "channels_last": parts.channels_last, "num_workers": parts.loader_args["num_workers"],
+            "pin_memory": parts.loader_args["pin_memory"], "verify": data.cache.verify, "epochs": epoch,
+            "steps_per_epoch": len(loader), "wait_s": wait, "step_s": total / steps, "wait_share": wait / total,
+            "first_wait_s": waits[0], "clips": len(loader.dataset)}
+
+
+def verification_cost(manifest, cfg: Config, repeats: int = 3) -> dict:
+    """Seconds to read every row of the cache once with its checksum checked and without.
+
+    Each round opens the cache afresh (a new process checks each row again, and training's loader
+    workers are new every epoch); the two alternate and each keeps its best round.
+    """
+    from voxlib.features import FeatureCache
+
+    times = {True: [], False: []}
+    for _ in range(repeats):
+        for verify in (True, False):
+            cache = FeatureCache.build_or_open(manifest, cfg, progress=False, verify=verify)
+            t0 = time.perf_counter()
+            for i in range(len(cache)):
+                cache.get(i)
+            times[verify].append(time.perf_counter() - t0)
+    checked, plain = min(times[True]), min(times[False])
+    return {"rows": len(cache), "verify_s": checked, "plain_s": plain,
+            "per_row_ms": max(checked - plain, 0.0) / len(cache) * 1e3, "rounds": {str(k): v for k, v in times.items()}}
+
+
+# --- predict -----------------------------------------------------------------------------------
+def predict_throughput(data, cfg: Config, device: torch.device, precision: str, work: Path,
+                       repeats: int = 2, batch_size: int = 16) -> dict:
+    """Clips/s of ``predict.Classifier.predict`` over the corpus's files: decode, checks, spectrogram,
+    ``eval_crops`` crops, crop-averaged forward. The weights are untrained (speed does not depend on them)."""
+    from voxlib.predict import Classifier
+
+    torch.manual_seed(0)
+    net = Discriminator(data.head_sizes, cfg.width)
+    clf = Classifier(net, data.vocab, cfg, device, precision, work, {})
+    paths = list(data.table["path"])
+    clf.predict(paths[:2], batch_size=batch_size)  # warm-up: imports, first kernels
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        frame = clf.predict(paths, batch_size=batch_size)
+        times.append(time.perf_counter() - t0)
+    if len(frame) != len(paths):
+        raise RuntimeError(f"predict returned {len(frame)} rows for {len(paths)} clips")
+    best = min(times)
+    return {"clips": len(paths), "seconds": best, "times": times, "clips_per_s": len(paths) / best,
+            "audio_s": float(data.table["duration"].sum()), "precision": precision, "width": cfg.width,
+            "eval_crops": cfg.eval_crops, "batch_size": batch_size}
 
 
 # --- feature cache vs librosa ------------------------------------------------------------------
@@ -596,19 +624,26 @@ def cache_vs_librosa(manifest, cfg: Config, repeats: int = 3) -> dict:
 
 
 # --- peak memory -------------------------------------------------------------------------------
-def memory_probe(manifest_path: str, cfg: Config, device: torch.device, steps: int) -> dict:
-    """Run in a fresh process: a short training run from the cache; report this process's peak RSS."""
+def memory_probe(manifest_path: str, cfg: Config, device: torch.device, steps: int, precision: str) -> dict:
+    """Run in a fresh process: a short training run from the cache with training's parts; report
+    this process's peak RSS."""
     import resource
 
-    _, cache, targets, sizes = open_corpus(Path(manifest_path), cfg)
-    variant = training_variant(cfg, device)
+    from voxlib.distributed import Dist
+    from voxlib.train import Tally, build_parts
+
+    data = run_data(Path(manifest_path), cfg)
+    cache = data.cache
     with training_settings(cfg, device):
-        step = TrainStep(cfg.width, sizes, variant, device, cfg.batch_size, seed=cfg.seed)
-        data, loader = train_loader(cache, targets, cfg, device, seed=cfg.seed)
-        done = 0
+        parts = build_parts(cfg, data, Dist(device=device), precision)
+        parts.model.train()
+        tally, done, epoch = Tally(len(data.heads)), 0, 0
         while done < steps:
-            for x, y, _ in loader:
-                step(*step.to_device(x, y))
+            epoch += 1
+            parts.sampler.set_epoch(epoch)
+            parts.train_loader.dataset.set_epoch(epoch)
+            for x, y, _ in parts.train_loader:
+                parts.step(x, y, tally, measure_grad=bool(cfg.grad_log_every) and done % cfg.grad_log_every == 0)
                 done += 1
                 if done >= steps:
                     break
@@ -619,7 +654,7 @@ def memory_probe(manifest_path: str, cfg: Config, device: torch.device, steps: i
     if peak_mb is None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, else KiB
-    out = {"rows": len(cache), "steps": steps, "max_rss_mb": peak_mb,
+    out = {"rows": len(cache), "steps": steps, "precision": precision, "max_rss_mb": peak_mb,
            "rss_anon_mb": status.get("RssAnon"), "rss_file_mb": status.get("RssFile")}
     if device.type == "cuda":
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -639,8 +674,9 @@ def _proc_status() -> dict:
     return out
 
 
-def run_memory_probe(manifest: Path, cfg: Config, device: torch.device, steps: int) -> dict:
+def run_memory_probe(manifest: Path, cfg: Config, device: torch.device, steps: int, precision: str) -> dict:
     cmd = [sys.executable, "-m", "voxlib.bench", "--probe-memory", str(manifest), "--cache-dir", cfg.cache_dir,
+           "--probe-precision", precision,
            "--device", device.type, "--steps", str(steps), "--width", repr(cfg.width),
            "--batch-size", str(cfg.batch_size), "--threads", str(cfg.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -812,7 +848,7 @@ class Bench:
         width, heads = self.plan.models[model]
         try:
             r = time_training(width, heads, batch, variant, self.device, self.plan.warmup, self.plan.steps,
-                              self.plan.min_time_s)
+                              self.plan.min_time_s, self.cfg)
         except RuntimeError as err:  # out of memory at a large batch, or compile unavailable
             self.say(f"{model} batch {batch} {variant.name}: failed ({str(err).splitlines()[0][:120]})")
             return {"model": model, "width": width, "variant": variant.name, "batch": batch, "error": str(err)[:500]}
@@ -891,15 +927,28 @@ class Bench:
         self.say(f"writing a generated corpus ({plan.corpus})")
         one = write_corpus(corpus / "x1", **plan.corpus, sr=cfg.sample_rate)
         four = repeat_corpus(one, 4, corpus / "x4")
-        _, cache, targets, sizes = open_corpus(one, cfg)
+        # both caches are built here, so the loader and memory probes below measure training only
+        small, large = run_data(one, cfg), run_data(four, cfg)
         with training_settings(cfg, self.device):
-            loader = loader_wait(cache, targets, sizes, cfg, self.device, plan.loader_steps)
-        self.record["loader"] = loader
+            choice = auto_precision(large, cfg, self.device)
+            precision = choice["precision"]
+            self.record["auto_run"] = choice
+            speeds = choice.get("samples_per_s") or {}
+            self.say(f"precision=auto for a run of width {cfg.width}, batch {cfg.batch_size} on the generated corpus: "
+                     f"{precision} ({choice['how']}" + (f"; fp32 {speeds['fp32']:.1f}, bf16 {speeds['bf16']:.1f} samples/s"
+                                                         if speeds else "") + ")")
+            loader = loader_wait(large, cfg, self.device, precision, plan.loader_steps)
+            verify = verification_cost(large.manifest, cfg)
+            predict = predict_throughput(small, cfg, self.device, precision, self.work)
+        verify["share_of_step"] = verify["per_row_ms"] / 1e3 * loader["batch"] / loader["step_s"]
+        self.record.update(loader=loader, verification=verify, predict=predict)
         self.record.setdefault("targets", {})["loader_wait_share"] = {
             "value": loader["wait_share"], "target": TARGET_LOADER_WAIT, "met": loader["wait_share"] <= TARGET_LOADER_WAIT}
-        self.say(f"data-loader wait: {100 * loader['wait_share']:.2f} % of step time "
-                 f"({loader['num_workers']} workers, batch {loader['batch']}, {loader['step_s']:.3f} s/step)")
-        open_corpus(four, cfg)  # builds its cache here, so the memory probe below measures training only
+        self.say(f"data-loader wait: {100 * loader['wait_share']:.2f} % of step time ({precision}, "
+                 f"{loader['num_workers']} workers, batch {loader['batch']}, {loader['step_s']:.3f} s/step)")
+        self.say(f"cache verification: {verify['per_row_ms']:.3f} ms per row ({100 * verify['share_of_step']:.2f} % "
+                 f"of a step's time, in the loader worker)")
+        self.say(f"predict: {predict['clips_per_s']:.1f} clips/s ({predict['clips']} clips, {precision})")
         if plan.librosa:
             from voxlib.corpora.manifest import read_manifest
 
@@ -913,7 +962,7 @@ class Bench:
                      f"{feats['clips']} clips = {feats['speedup']:.1f}x (max |diff| {feats['max_abs_diff']:.4f})")
         memory = {}
         for name, manifest in (("1x", one), ("4x", four)):
-            memory[name] = run_memory_probe(manifest, cfg, self.device, plan.memory_steps)
+            memory[name] = run_memory_probe(manifest, cfg, self.device, plan.memory_steps, precision)
             self.say(f"peak memory, {name} corpus ({memory[name]['rows']} clips): "
                      f"{memory[name]['max_rss_mb']:.0f} MB RSS")
         memory["ratio_4x_1x"] = memory["4x"]["max_rss_mb"] / memory["1x"]["max_rss_mb"]
@@ -1039,15 +1088,32 @@ def format_table(record: dict) -> str:
                      f"batch 10) on a CPU with native bf16: {t['value']:.2f}x -> {_met(t)}")
     if "loader" in record:
         ld = record["loader"]
-        lines.append(f"data-loader wait: {100 * ld['wait_share']:.2f} % of step time (width {ld['width']}, batch "
-                     f"{ld['batch']}, {ld['variant']}: bf16={ld['bf16']}, channels_last={ld['channels_last']}, "
-                     f"{ld['num_workers']} workers, {ld['step_s']:.3f} s/step) -> "
-                     f"{'met' if targets['loader_wait_share']['met'] else 'NOT met'} (target <= 5 %)")
+        lines.append(f"data-loader wait: {100 * ld['wait_share']:.2f} % of step time (training's loader and step, "
+                     f"width {ld['width']}, batch {ld['batch']}, {ld['precision']}, channels_last={ld['channels_last']}, "
+                     f"{ld['num_workers']} workers, cache rows checksum-verified={ld['verify']}, {ld['step_s']:.3f} s/step) "
+                     f"-> {'met' if targets['loader_wait_share']['met'] else 'NOT met'} (target <= 5 %)")
+    if "verification" in record:
+        v = record["verification"]
+        lines.append(f"feature-cache verification: {v['per_row_ms']:.3f} ms per row read ({v['rows']} rows: "
+                     f"{v['verify_s']:.3f} s checked vs {v['plain_s']:.3f} s unchecked) = "
+                     f"{100 * v['share_of_step']:.2f} % of a training step's time, paid in the loader worker")
+    if "predict" in record:
+        pr = record["predict"]
+        lines.append(f"predict (predict.Classifier): {pr['clips_per_s']:.1f} clips/s ({pr['clips']} clips, "
+                     f"{pr['audio_s'] / pr['clips']:.1f} s each, {pr['eval_crops']} crops, batch {pr['batch_size']}, "
+                     f"{pr['precision']}, width {pr['width']}; decode and spectrogram included)")
+    if "auto_run" in record:
+        a = record["auto_run"]
+        sp = a.get("samples_per_s") or {}
+        lines.append(f"precision=auto as training resolves it (train.choose_precision, width {record['loader']['width']},"
+                     f" batch {record['loader']['batch']}): {a['precision']} ({a['how']}"
+                     + (f"; fp32 {sp['fp32']:.1f}, bf16 {sp['bf16']:.1f} samples/s, {sp['bf16'] / sp['fp32']:.2f}x"
+                        if sp else "") + ")")
     if "features" in record:
         fe = record["features"]
         lines.append(f"feature cache build ({fe['workers']} workers): {fe['cache_s']:.2f} s vs librosa.load+stft loop "
                      f"{fe['librosa_s']:.2f} s on {fe['clips']} clips ({fe['audio_s']:.0f} s of audio), best of "
-                     f"{len(fe['cache_times'])} alternating rounds: {fe['speedup']:.1f}x faster "
+                     f"{len(fe['cache_times'])} alternating rounds: {fe['speedup']:.2f}x faster "
                      f"-> {'met' if targets['cache_speedup']['met'] else 'NOT met'} (target >= 3x; "
                      f"max |difference| {fe['max_abs_diff']:.4f})")
     if "memory" in record:
@@ -1089,6 +1155,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
         p.add_argument("--cache-dir", dest="cache_dir", default=None, help=argparse.SUPPRESS)
         p.add_argument("--steps", type=int, default=4, help=argparse.SUPPRESS)
+        p.add_argument("--probe-precision", default="fp32", choices=PRECISIONS, help=argparse.SUPPRESS)
 
     return make_parser("python -m voxlib.bench", "Measure vox training speed on this machine (see docs/benchmark.md).",
                        config_fields=BENCH_FIELDS, extra=own)
@@ -1101,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(parser(), argv)
     device = pick_device(cfg.device)
     if args.probe_memory:
-        print(json.dumps(memory_probe(args.probe_memory, cfg, device, args.steps)))
+        print(json.dumps(memory_probe(args.probe_memory, cfg, device, args.steps, args.probe_precision)))
         return 0
     if args.parity:
         result = parity(cfg)
