@@ -27,7 +27,7 @@ def base(tiny_corpus, tmp_path_factory) -> dict:
     """Settings every run here shares: tiny width, a shared feature cache, 2 threads."""
     cache = tmp_path_factory.mktemp("cache")
     return dict(manifest=str(tiny_corpus), cache_dir=str(cache), width=1 / 16, batch_size=8, lr=1e-4,
-                epochs=2, threads=2, grad_log_every=4, eval_crops=2)
+                epochs=2, threads=2, grad_log_every=4, eval_crops=2, precision="fp32")  # DDP on CPU is fp32
 
 
 @pytest.fixture(scope="module")
