@@ -59,6 +59,19 @@ def make_tiny_corpus(
     return manifest
 
 
+def speaker_table(sizes: dict[str, int], utterances: int = 6) -> "pd.DataFrame":
+    """A manifest-like table without audio: ``sizes[place]`` speakers per birthplace, sexes alternating,
+    ``utterances`` rows each, and the 1-based ``row`` column read_manifest adds (for split tests)."""
+    import pandas as pd
+
+    rows = [{"path": f"/c/{place}{s}_{u}.wav", "speaker": f"{place}{s}", "birthplace": place,
+             "sex": "female" if s % 2 == 0 else "male", "split": ""}
+            for place, n in sizes.items() for s in range(n) for u in range(utterances)]
+    table = pd.DataFrame(rows)
+    table["row"] = np.arange(1, len(table) + 1)
+    return table
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """3 birthplaces x 4 speakers x 6 utterances of ~2.5 s; read-only for tests (copy to modify)."""

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import speaker_table
 from voxlib.config import Config
 from voxlib.data import (
     BalancedSampler,
@@ -19,15 +20,7 @@ from voxlib.data import (
 
 
 def corpus_table(places=("north", "south", "east"), speakers=4, utterances=6) -> pd.DataFrame:
-    rows = []
-    for place in places:
-        for s in range(speakers):
-            for u in range(utterances):
-                rows.append({"path": f"/c/{place}{s}_{u}.wav", "speaker": f"{place}{s}", "birthplace": place,
-                             "sex": "female" if s % 2 == 0 else "male", "split": ""})
-    table = pd.DataFrame(rows)
-    table["row"] = np.arange(1, len(table) + 1)
-    return table
+    return speaker_table(dict.fromkeys(places, speakers), utterances)
 
 
 def test_default_splits_on_a_balanced_corpus():

@@ -5,21 +5,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import speaker_table
 from voxlib.analysis import pooled_over_folds
 from voxlib.config import Config
 from voxlib.data import make_splits, unseen_folds
 
 
 def corpus_table(sizes: dict[str, int], utterances: int = 4) -> pd.DataFrame:
-    rows = []
-    for place, n in sizes.items():
-        for s in range(n):
-            for u in range(utterances):
-                rows.append({"path": f"/c/{place}{s}_{u}.wav", "speaker": f"{place}{s}", "birthplace": place,
-                             "sex": "female" if s % 2 == 0 else "male", "split": ""})
-    table = pd.DataFrame(rows)
-    table["row"] = np.arange(1, len(table) + 1)
-    return table
+    return speaker_table(sizes, utterances)
 
 
 SIZES = {"a": 6, "b": 5, "c": 3, "d": 2, "e": 1}  # with unseen_min_speakers=3, d and e are never held out

@@ -264,8 +264,9 @@ def evaluate_manifest(clf: Classifier, manifest_path: str | Path, out_dir: str |
         runfolder.write_metrics(out_dir, runfolder.read_metric_rows(metrics) if metrics.is_file() else [])
         runfolder.write_csv(out_dir, runfolder.PREDICTIONS, predictions)
         runfolder.write_csv(out_dir, runfolder.UNKNOWN_LABELS, pd.DataFrame(unknown, columns=["head", "label", "utterances"]))
-        runfolder.write_csv(out_dir, runfolder.REJECTED, rejected if len(rejected) else
-                            manifest.rejected[["path", "reason"]] if len(manifest.rejected) else rejected)
+        # rows the manifest check refused and clips refused at prediction time: all of them listed
+        runfolder.write_csv(out_dir, runfolder.REJECTED, pd.concat(
+            [manifest.rejected[["path", "reason"]], rejected], ignore_index=True))
         if embeddings and features is not None:
             runfolder.write_embeddings(out_dir, features, row_ids, split)
         run = evaluate.load_run(out_dir)

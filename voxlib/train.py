@@ -39,7 +39,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,7 +54,6 @@ from voxlib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from voxlib.config import FEATURES, LEARNING, Config, ConfigError, usable_cores
 from voxlib.data import BalancedSampler, CropDataset, RunData, load_run_data
 from voxlib.distributed import Dist, init_distributed, pick_device, sync_batchnorm  # noqa: F401 (pick_device re-exported)
-from voxlib.fileio import WriteError
 from voxlib.heap import keep_freed_memory
 from voxlib.inference import autocast_for, crop_averaged
 from voxlib.model import Discriminator
@@ -489,9 +488,9 @@ def checkpoint_state(epoch: int, parts: Parts, cfg: Config, data: RunData, progr
             "head_sizes": data.head_sizes, "width": cfg.width, "voxlib_version": __version__}
 
 
-def restore(path: Path, parts: Parts, data: RunData) -> dict:
-    """Load ``path`` into the parts and the RNGs; return the loop's progress (epoch, best, ...)."""
-    ckpt = load_checkpoint(path)
+def restore(ckpt: dict, path: Path, parts: Parts, data: RunData) -> dict:
+    """Load checkpoint ``ckpt`` (read from ``path``) into the parts and the RNGs; return the loop's
+    progress (epoch, best, ...)."""
     if ckpt.get("head_sizes") != data.head_sizes:
         raise TrainingError(f"{path} has heads {ckpt.get('head_sizes')}, this run has {data.head_sizes}")
     parts.net.load_state_dict(ckpt["model"])
@@ -504,15 +503,6 @@ def restore(path: Path, parts: Parts, data: RunData) -> dict:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return {"epoch": int(ckpt["epoch"]), "best": ckpt.get("best"), "skipped_batches": int(ckpt.get("skipped_batches", 0)),
             "early_stop": ckpt.get("early_stop")}
-
-
-def stored_settings(run_dir: Path) -> tuple[dict | None, str | None]:
-    """(settings, precision) recorded in ``last.pt``, or (None, None) for a new run."""
-    last = run_dir / runfolder.CHECKPOINTS / runfolder.LAST
-    if not last.exists():
-        return None, None
-    ckpt = load_checkpoint(last)
-    return ckpt.get("settings"), ckpt.get("precision")
 
 
 # --- evaluation ---------------------------------------------------------------------------------------
@@ -732,7 +722,9 @@ def run_training(cfg: Config, env: Dist) -> Path:
     run_dir = Path(cfg.run_dir) if cfg.run_dir else runfolder.default_run_dir(cfg)
     owner = runfolder.writing(run_dir) if env.main else contextlib.nullcontext(run_dir)
     with owner:
-        old, precision = stored_settings(run_dir)
+        last = run_dir / runfolder.CHECKPOINTS / runfolder.LAST
+        ckpt = load_checkpoint(last) if last.exists() else None  # read once: a seed-width one is ~1 GB
+        old, precision = (ckpt.get("settings"), ckpt.get("precision")) if ckpt else (None, None)
         if old is not None:
             changed = settings_changes(old, settings_record(cfg, data))
             if changed:
@@ -744,9 +736,9 @@ def run_training(cfg: Config, env: Dist) -> Path:
         precision = choice["precision"]
         parts = build_parts(cfg, data, env, precision)
         progress = {"epoch": 0, "best": None, "skipped_batches": 0, "early_stop": None}
-        last = run_dir / runfolder.CHECKPOINTS / runfolder.LAST
-        if last.exists():
-            progress = restore(last, parts, data)
+        if ckpt is not None:
+            progress = restore(ckpt, last, parts, data)
+            del ckpt
             if progress["epoch"] > cfg.epochs:
                 raise TrainingError(f"{run_dir} already holds {progress['epoch']} epochs; --epochs {cfg.epochs} "
                                     f"would go back (raise --epochs to train on, or use a new --run-dir)")
