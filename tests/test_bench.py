@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from voxlib import bench
+from voxlib.bench import ceiling, corpus, parity, runner, steps, table
 from voxlib.config import Config
 from voxlib.model import Discriminator, count_flops
 
@@ -25,14 +25,14 @@ HEADS = {"speaker": 5, "birthplace": 3, "sex": 2}
 @pytest.fixture(scope="module")
 def record(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench")
-    plan = bench.Plan(
+    plan = runner.Plan(
         gemm_squares=(64, 128), gemm_repeats=2,
         models={"seed": (0.125, dict(HEADS)), "cpu_default": (0.0625, dict(HEADS))},
         batches={"seed": (2, 4), "cpu_default": (2,)}, warmup=1, steps=1, min_time_s=0.0, compile_models=(),
         corpus=dict(birthplaces=2, speakers=2, utterances=3, seconds=2.5), loader_steps=3, memory_steps=2,
         cache_copies=2)
     cfg = Config(width=0.0625, batch_size=4, threads=1, cache_dir=str(out / "unused"))
-    path = bench.run_bench(plan, cfg, torch.device("cpu"), epoch_utterances=500, out=out, quick=True)
+    path = runner.run_bench(plan, cfg, torch.device("cpu"), epoch_utterances=500, out=out, quick=True)
     assert path.parent == out and path.suffix == ".json"
     return json.loads(path.read_text())
 
@@ -90,53 +90,53 @@ def test_batch_search_best_rows_auto_and_targets(record):
     assert speedup["met"] == ((speedup["value"] >= 2.5) if speedup["applies"] else None)
     # all four eager variants measured at the batch found best, so the table compares like with like
     assert {r["variant"] for r in seed_rows if r["batch"] == best["best"]["batch"]} >= {
-        v.name for v in bench.EAGER_VARIANTS}
+        v.name for v in steps.EAGER_VARIANTS}
 
 
 def test_ceiling_is_the_best_kernel_of_both_passes(record):
     for dtype in ("fp32", "bf16"):
-        ceiling = record["ceiling"][dtype]
-        first, second = ceiling["passes"]
-        assert ceiling["flops"] == max(first["flops"], second["flops"]) > 0
+        best = record["ceiling"][dtype]
+        first, second = best["passes"]
+        assert best["flops"] == max(first["flops"], second["flops"]) > 0
         for p in (first, second):
             top = max((k for k in p["kernels"] if k["flops"]), key=lambda k: k["flops"])
             assert (p["flops"], p["library"], p["shape"]) == (top["flops"], top["library"], top["shape"])
         # every library on every square and layer shape first; then the best three of them again
-        assert {k["library"] for k in first["kernels"]} == set(bench.GEMM_LIBRARIES)
+        assert {k["library"] for k in first["kernels"]} == set(ceiling.GEMM_LIBRARIES)
         shapes = {tuple(k["shape"]) for k in first["kernels"]}
         assert {(64, 64, 64), (128, 128, 128)} <= shapes
-        assert set(bench.layer_gemm_shapes(0.125, HEADS, 2)) <= shapes
+        assert set(ceiling.layer_gemm_shapes(0.125, HEADS, 2)) <= shapes
         ranked = sorted((k for k in first["kernels"] if k["flops"]), key=lambda k: -k["flops"])[:3]
         assert [(k["library"], k["shape"]) for k in second["kernels"]] == [(k["library"], k["shape"]) for k in ranked]
 
 
 def test_layer_gemm_shapes_of_the_seed_model():
-    shapes = bench.layer_gemm_shapes(1.0, bench.SEED_HEADS, 10)
+    shapes = ceiling.layer_gemm_shapes(1.0, runner.SEED_HEADS, 10)
     # block 2 (64 -> 128 channels, 64x64 output map): forward, input gradient, weight gradient
     assert {(10 * 64 * 64, 128, 64 * 16), (10 * 64 * 64, 64 * 16, 128), (128, 64 * 16, 10 * 64 * 64)} <= set(shapes)
     assert (160, 2048, 1024 * 16) in shapes  # block 6 (1024 -> 2048, 4x4 map)
     # at batch 32 block 2's forward is 2*131072*128*1024 FLOP, twice the cap: its longest side is halved
-    assert (65536, 128, 1024) in bench.layer_gemm_shapes(1.0, bench.SEED_HEADS, 32)
-    assert all(min(s) >= 64 and 2 * s[0] * s[1] * s[2] <= bench.GEMM_FLOP_CAP for s in shapes)
+    assert (65536, 128, 1024) in ceiling.layer_gemm_shapes(1.0, runner.SEED_HEADS, 32)
+    assert all(min(s) >= 64 and 2 * s[0] * s[1] * s[2] <= ceiling.GEMM_FLOP_CAP for s in shapes)
     assert len(shapes) == len(set(shapes))
     # the batch-10 heads (10 x classes) and the first block (K = 16) are too thin to count
     assert not [s for s in shapes if 10 in s or 16 in s]
 
 
 def test_theoretical_peak_from_flags_and_clock():
-    amx = bench.peak_from(2, 2.6e9, "/proc/cpuinfo cpu MHz", ["avx512f", "avx512_bf16", "amx_bf16"])
+    amx = ceiling.peak_from(2, 2.6e9, "/proc/cpuinfo cpu MHz", ["avx512f", "avx512_bf16", "amx_bf16"])
     assert amx["fp32"]["flops"] == pytest.approx(2 * 2.6e9 * 64)
     assert amx["bf16"]["flops"] == pytest.approx(2 * 2.6e9 * 1024)
-    avx512 = bench.peak_from(4, 3e9, "cpufreq maximum", ["avx512f", "avx512_bf16"])
+    avx512 = ceiling.peak_from(4, 3e9, "cpufreq maximum", ["avx512f", "avx512_bf16"])
     assert avx512["bf16"]["flops"] == pytest.approx(4 * 3e9 * 128)
-    avx2 = bench.peak_from(1, 3e9, "x", ["avx2", "fma"])
+    avx2 = ceiling.peak_from(1, 3e9, "x", ["avx2", "fma"])
     assert avx2["fp32"]["flops"] == pytest.approx(96e9) and avx2["bf16"]["flops"] is None
-    unknown = bench.peak_from(2, None, None, ["avx512f"])
+    unknown = ceiling.peak_from(2, None, None, ["avx512f"])
     assert unknown["fp32"]["flop_per_cycle"] == 64 and unknown["fp32"]["flops"] is None
     record = {"ceiling": {d: {"flops": 1e11, "library": "torch.mm", "shape": [64, 64, 64],
                               "passes": [{"flops": 1e11, "kernels": []}]} for d in ("fp32", "bf16")},
               "theoretical": unknown}
-    text = "\n".join(bench.ceiling_lines(record))
+    text = "\n".join(table.ceiling_lines(record))
     assert "clock not reported" in text and "bf16 not reported (no native bf16 reported)" in text
 
 
@@ -145,9 +145,9 @@ def test_a_step_above_the_ceiling_is_reported_not_clipped():
            "channels_last": True, "compile": False, "samples_per_s": 30.0, "flops_per_s": 2e12, "step_s": 1 / 3}
     fp32 = {**row, "variant": "channels_last", "dtype": "fp32", "samples_per_s": 10.0, "flops_per_s": 1e11}
     plain = {**fp32, "variant": "fp32", "channels_last": False}
-    b = bench.Bench.__new__(bench.Bench)
-    b.cfg, b.plan = Config(), bench.Plan(models={"seed": (1.0, HEADS)}, batches={"seed": (10,)})
-    b.record = {"training": [plain, fp32, row], "theoretical": bench.peak_from(2, 2.6e9, "x", ["avx512f", "amx_bf16"]),
+    b = runner.Bench.__new__(runner.Bench)
+    b.cfg, b.plan = Config(), runner.Plan(models={"seed": (1.0, HEADS)}, batches={"seed": (10,)})
+    b.record = {"training": [plain, fp32, row], "theoretical": ceiling.peak_from(2, 2.6e9, "x", ["avx512f", "amx_bf16"]),
                 "ceiling": {d: {"flops": f, "library": "torch.mm", "shape": [64, 64, 64], "passes": []}
                             for d, f in (("fp32", 4e11), ("bf16", 1e12))}}
     b.add_ratios()
@@ -157,7 +157,7 @@ def test_a_step_above_the_ceiling_is_reported_not_clipped():
     assert b.record["auto"] == [{"model": "seed", "batch": 10, "precision": "bf16", "speedup": 3.0}]
     assert b.record["targets"]["seed_speedup_vs_plain"]["value"] == pytest.approx(3.0)
     assert b.record["targets"]["seed_speedup_vs_plain"]["met"] is True
-    text = "\n".join(bench.ceiling_lines(b.record))
+    text = "\n".join(table.ceiling_lines(b.record))
     assert "CEILING INCOMPLETE: seed batch 10 bf16+channels_last" in text and "200 %" in text
 
 
@@ -196,28 +196,28 @@ def test_loader_features_and_memory_sections(record):
 def test_gpu_estimate_follows_from_the_flop_count(record):
     gpu = record["gpu"]
     assert gpu["measured"] is False and gpu["epoch_utterances"] == 500 and gpu["epochs"] == 1000
-    forward = count_flops(Discriminator(bench.SEED_HEADS, 1.0), 1)
+    forward = count_flops(Discriminator(runner.SEED_HEADS, 1.0), 1)
     assert gpu["forward_flops"] == forward
     assert gpu["total_flops"] == 500 * 3 * forward * 1000
     for row in gpu["rows"]:
         assert row["hours"] == pytest.approx(gpu["total_flops"] / (row["bf16_peak"] * row["efficiency"]) / 3600)
-    assert any(row["basis"] == "assumed MFU" and row["efficiency"] == bench.ASSUMED_GPU_MFU for row in gpu["rows"])
+    assert any(row["basis"] == "assumed MFU" and row["efficiency"] == runner.ASSUMED_GPU_MFU for row in gpu["rows"])
 
 
 def test_table_mentions_every_section(record):
-    table = bench.format_table(record)
+    text = table.format_table(record)
     for needle in ("GEMM ceiling fp32", "GEMM ceiling bf16", "theoretical peak", "of ceiling", "precision=auto",
                    "data-loader wait", "feature cache build", "peak memory", "seed protocol GPU estimate",
                    "target: seed width", "target: CPU default width", "feature-cache verification",
                    "predict (predict.Classifier)", "as training resolves it"):
-        assert needle in table
-    rows = [line for line in table.splitlines() if re.match(r"(seed|cpu_default) +0\.\d+ +\d+ ", line)]
+        assert needle in text
+    rows = [line for line in text.splitlines() if re.match(r"(seed|cpu_default) +0\.\d+ +\d+ ", line)]
     assert len(rows) == len(record["training"])
 
 
 def test_repeated_corpus_names_every_clip_once_per_copy(tmp_path):
-    one = bench.write_corpus(tmp_path / "x1", birthplaces=2, speakers=2, utterances=2, seconds=1.0)
-    four = bench.repeat_corpus(one, 4, tmp_path / "x4")
+    one = corpus.write_corpus(tmp_path / "x1", birthplaces=2, speakers=2, utterances=2, seconds=1.0)
+    four = corpus.repeat_corpus(one, 4, tmp_path / "x4")
     rows = list(csv.DictReader(four.open()))
     assert len(rows) == 4 * 8 and len({r["path"] for r in rows}) == 32
     assert all((four.parent / r["path"]).stat().st_size == (one.parent / r["path"].split("/", 1)[1]).stat().st_size
@@ -225,13 +225,13 @@ def test_repeated_corpus_names_every_clip_once_per_copy(tmp_path):
 
 
 def test_demo_heads_follow_the_demo_settings():
-    assert bench.demo_heads(Config()) == {"speaker": 8 * 5, "birthplace": 8, "sex": 2}
+    assert runner.demo_heads(Config()) == {"speaker": 8 * 5, "birthplace": 8, "sex": 2}
     cfg = Config(demo_accents="us,gb-rp", demo_speakers_per_accent=2, unseen_per_class=1)
-    assert bench.demo_heads(cfg) == {"speaker": 4, "birthplace": 2, "sex": 2}  # too few speakers to hold one out
+    assert runner.demo_heads(cfg) == {"speaker": 4, "birthplace": 2, "sex": 2}  # too few speakers to hold one out
 
 
 def test_gpu_measured_hours():
-    out = bench.gpu_measured([{"variant": "bf16", "batch": 10, "samples_per_s": 100.0}], 1000, 1000)
+    out = runner.gpu_measured([{"variant": "bf16", "batch": 10, "samples_per_s": 100.0}], 1000, 1000)
     assert out["measured"] and math.isclose(out["rows"][0]["hours"], 1000 * 1000 / 100 / 3600)
 
 
@@ -243,7 +243,7 @@ def test_parity_summary_flags_a_bf16_drop_beyond_the_seed_spread():
     runs = [run(0, "fp32", 0.90, 1.0, 10.0), run(0, "bf16", 0.88, 1.0, 5.0),
             run(1, "fp32", 0.94, 1.0, 10.0), run(1, "bf16", 0.92, 0.9, 5.0),
             run(2, "fp32", 0.92, 1.0, 10.0), run(2, "bf16", 0.93, 1.0, 5.0)]
-    s = bench.parity_summary(runs)
+    s = parity.parity_summary(runs)
     speaker, sex = s["heads"]["seen_test/speaker"], s["heads"]["unseen_test/sex"]
     assert speaker["values"] == {"fp32": [0.90, 0.94, 0.92], "bf16": [0.88, 0.92, 0.93]}
     assert speaker["spread"] == pytest.approx(0.05) and speaker["bf16_drop"] == pytest.approx(0.01)
@@ -254,7 +254,7 @@ def test_parity_summary_flags_a_bf16_drop_beyond_the_seed_spread():
     assert s["epoch_speedup_bf16"] == pytest.approx(2.0)
     worse = [dict(r, accuracy={"seen_test/speaker": r["accuracy"]["seen_test/speaker"] - 0.1})
              if r["precision"] == "bf16" else r for r in runs]
-    assert bench.parity_summary(worse)["heads"]["seen_test/speaker"]["beyond_spread"]
-    assert bench.parity_summary(worse)["bf16_costs_accuracy"]
-    table = bench.format_parity({"seeds": [0, 1, 2], "settings": {}, "summary": bench.parity_summary(worse)})
-    assert "BEYOND SPREAD" in table and "YES" in table
+    assert parity.parity_summary(worse)["heads"]["seen_test/speaker"]["beyond_spread"]
+    assert parity.parity_summary(worse)["bf16_costs_accuracy"]
+    text = parity.format_parity({"seeds": [0, 1, 2], "settings": {}, "summary": parity.parity_summary(worse)})
+    assert "BEYOND SPREAD" in text and "YES" in text

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from voxlib import bench, demo
+from voxlib import demo
+from voxlib.bench import runner
 from voxlib.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, flag_name, make_parser, parse,
                         parse_config, run_command, training_summary)
 from voxlib.config import GROUPS, Config, ConfigError, field_info, git_commit, outputs_dir
@@ -70,7 +71,7 @@ def test_no_prefix_guessing_and_typed_values(capsys):
 
 def test_a_flag_means_the_same_config_field_in_every_command():
     names = {f.name for f in field_info()}
-    parsers = {"demo": _parser_of(demo.main), "bench": bench.parser(), "train": make_parser("t", replay=True)}
+    parsers = {"demo": _parser_of(demo.main), "bench": runner.parser(), "train": make_parser("t", replay=True)}
     for command, parser in parsers.items():
         for action in parser._actions:
             if action.dest in names:

@@ -1,0 +1,163 @@
+"""Training steps as the bench times them: training's own TrainStep on a synthetic batch, per variant.
+
+A variant is a way to run the same step (fp32 or bf16 autocast, NCHW or channels_last, eager or
+compiled); ``time_training`` gives its samples/s and FLOP/s, and ``auto_choices`` says which
+precision ``precision=auto`` picks from the fp32 and bf16 rows, by the rule training uses.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from voxlib.config import Config
+from voxlib.model import INPUT_SIZE, count_flops
+from voxlib.precision import choose as choose_precision
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def training_settings(cfg: Config, device: torch.device):
+    """The process-wide settings train.train applies, so bench steps run as training steps do."""
+    from voxlib.train import speed_settings
+
+    return speed_settings(cfg, device)
+
+
+MAX_TIMED_STEPS = 100
+
+
+
+# --- what to measure ---------------------------------------------------------------------------
+@dataclass
+class Variant:
+    """A way to run the same training step; names are the table's row labels."""
+
+    name: str
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+EAGER_VARIANTS = (
+    Variant("fp32"),
+    Variant("channels_last", channels_last=True),
+    Variant("bf16", bf16=True),
+    Variant("bf16+channels_last", bf16=True, channels_last=True),
+)
+
+
+
+
+def auto_choices(rows: list[dict], channels_last: bool) -> dict[tuple[str, int], str]:
+    """{(model, batch): what precision=auto picks}, from the eager fp32 and bf16 rows in the
+    configured memory format, by the rule training uses (``precision.choose``)."""
+    out = {}
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        speeds = _auto_pair(rows, model, batch, channels_last)
+        if speeds:
+            out[(model, batch)] = choose_precision(speeds)
+    return out
+
+
+def auto_speedup(rows: list[dict], model: str, batch: int, channels_last: bool) -> float | None:
+    speeds = _auto_pair(rows, model, batch, channels_last)
+    return speeds["bf16"] / speeds["fp32"] if speeds else None
+
+
+def _auto_pair(rows, model, batch, channels_last) -> dict | None:
+    pair = {r["dtype"]: r["samples_per_s"] for r in rows if r["model"] == model and r["batch"] == batch
+            and r["channels_last"] == channels_last and not r["compile"]}
+    return pair if len(pair) == 2 else None
+
+
+# --- training steps ----------------------------------------------------------------------------
+class BenchStep:
+    """training's own ``train.TrainStep``, built as ``train.build_parts`` builds it (model, optimizer,
+    per-head loss with global denominators, autocast, channels_last, compiled trunk), on one
+    synthetic batch in [0, 1] with the model in train mode. Every ``grad_log_every``-th call also
+    measures the per-head gradient norms, as training does; each call pays training's host syncs.
+    """
+
+    def __init__(self, width: float, head_sizes: dict[str, int], variant: Variant, device: torch.device,
+                 batch: int, cfg: Config | None = None, seed: int = 0):
+        from voxlib.distributed import Dist
+        from voxlib.train import HeadLoss, Tally, TrainStep, build_model, make_optimizer
+
+        cfg = replace(cfg or Config(), width=width)
+        env = Dist(device=device)
+        torch.manual_seed(seed)
+        self.net = build_model(cfg, head_sizes, env, variant.channels_last)
+        self.net.train()
+        if variant.compile:  # the trunk, as build_parts compiles it
+            self.net.trunk = torch.compile(self.net.trunk)
+        heads = list(head_sizes)
+        loss = HeadLoss(heads, {h: None for h in heads}, cfg.label_smoothing, env)
+        self.step = TrainStep(self.net, self.net, make_optimizer(cfg, self.net), loss, {h: 1.0 for h in heads}, env,
+                              "bf16" if variant.bf16 else "fp32", variant.channels_last, cfg.nan_policy)
+        self.tally, self.grad_every, self.calls = Tally(len(heads)), cfg.grad_log_every, 0
+        self.flops = count_flops(self.net, batch, training=True)
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.rand(batch, 1, INPUT_SIZE, INPUT_SIZE, generator=gen)
+        self.y = {h: torch.randint(0, n, (batch,), generator=gen) for h, n in head_sizes.items()}
+
+    def measures_grad(self) -> bool:
+        """Whether the next call is one of training's gradient-norm steps."""
+        return bool(self.grad_every) and self.calls % self.grad_every == 0
+
+    def __call__(self) -> None:
+        bad = self.step(self.x, self.y, self.tally, measure_grad=self.measures_grad())
+        self.calls += 1
+        if bad:
+            raise RuntimeError(f"non-finite loss in head(s) {bad} on the synthetic batch")
+
+
+def time_training(width: float, head_sizes: dict, batch: int, variant: Variant, device: torch.device,
+                  warmup: int, steps: int, min_time_s: float = 0.0, cfg: Config | None = None) -> dict:
+    """Samples/s of training's step after ``warmup`` (compile time reported apart).
+
+    At least ``steps`` steps are timed, and more until they add up to ``min_time_s`` (at most
+    ``MAX_TIMED_STEPS``): a small model's step takes 50 ms, and a burst of load from a neighbour
+    lasting half a second would otherwise slow every one of its steps. The first timed step is a
+    gradient-norm step; the step time is the best plain step plus 1/``grad_log_every`` of the extra
+    time of the best gradient-norm step, which is what an epoch pays per step.
+    """
+    step = BenchStep(width, head_sizes, variant, device, batch, cfg)
+    first = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        if i == 0:
+            first = time.perf_counter() - t0
+    step.calls = 0
+    plain, grad = [], []
+    while len(plain) + len(grad) < steps or (sum(plain) + sum(grad) < min_time_s
+                                             and len(plain) + len(grad) < MAX_TIMED_STEPS):
+        kind = grad if step.measures_grad() else plain
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        kind.append(time.perf_counter() - t0)
+    best_plain = min(plain) if plain else min(grad)
+    best = best_plain + (min(grad) - best_plain) / step.grad_every if grad and plain else best_plain
+    result = {"variant": variant.name, "dtype": "bf16" if variant.bf16 else "fp32",
+              "channels_last": variant.channels_last, "compile": variant.compile, "batch": batch,
+              "step_s": best, "plain_step_s": best_plain, "grad_step_s": min(grad) if grad else None,
+              "grad_log_every": step.grad_every, "median_step_s": float(np.median(plain or grad)),
+              "samples_per_s": batch / best, "flops_per_s": step.flops / best, "step_flops": step.flops}
+    if variant.compile and first is not None:
+        result["compile_s"] = max(first - best, 0.0)
+    if device.type == "cuda":
+        result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    del step
+    gc.collect()
+    return result
