@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from voxlib.audio import load_audio, segment_frames
 from voxlib.config import outputs_dir
+from voxlib.fileio import UnreadableFile, file_kind, read_regular
 from voxlib.corpora.labels import check_labels
 
 __all__ = ["Manifest", "ManifestError", "read_manifest", "load_audio", "SEX_TOKENS", "SILENCE_PEAK"]
@@ -214,8 +215,9 @@ def _probe(path: str, start: float, end: float, sample_rate: int, n_fft: int) ->
         return bad("missing file")
     except OSError as err:
         return bad(f"cannot access file ({err.strerror})")
-    if not os.path.isfile(path):
-        return bad("not a regular file")
+    kind = file_kind(path)
+    if kind is not None:
+        return bad(f"not a regular file ({kind}); not read")
     if stat.st_size == 0:
         return bad("empty file (0 bytes)")
     try:
@@ -379,7 +381,9 @@ def read_manifest(
         raise ValueError(f"on_bad_file must be 'stop' or 'skip', got {on_bad_file!r}")
     source = Path(path).absolute()
     try:
-        raw = source.read_bytes()
+        raw = read_regular(source)
+    except UnreadableFile as err:
+        raise ManifestError(source, [(0, "", f"manifest not read: {err.kind}")]) from None
     except OSError as err:
         raise ManifestError(source, [(0, "", f"cannot read manifest ({err.strerror})")]) from None
     header, rows, problems = _parse(source, _decode(source, raw))
