@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from voxlib.config import GROUPS, Config, ConfigError, _field_type, field_info
+from voxlib.signals import Terminated
 
 METAVARS = {str: "TEXT", int: "INT", float: "NUMBER"}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -42,8 +43,6 @@ PATH_ERRORS = {"FileNotFoundError": "no such file or folder", "PermissionError":
                "FileExistsError": "already exists"}
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch scheduler, torchrun, ``kill``) raised like Ctrl-C, so cleanup runs the same way."""
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -240,7 +239,7 @@ def describe_error(err: BaseException) -> tuple[int, str] | None:
     """(exit status, message) for a user error; None for anything else (SystemExit, bugs)."""
     names = [cls.__name__ for cls in type(err).__mro__]
     if isinstance(err, Terminated):
-        return EXIT_TERMINATED, "error: terminated (SIGTERM); re-run the same command to resume"
+        return EXIT_TERMINATED, "error: interrupted (SIGTERM); re-run the same command to resume"
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "error: interrupted; re-run the same command to resume"
     if isinstance(err, OSError) and names[0] in PATH_ERRORS or (isinstance(err, OSError) and err.filename):

@@ -142,3 +142,6 @@ def write_atomic(path: str | Path, data: bytes, before_replace: Callable[[Path],
         tmp.unlink(missing_ok=True)
         reason = os.strerror(err.errno) if err.errno else str(err)
         raise WriteError(err.errno, f"could not write {path}: {reason}") from err
+    except BaseException:  # Ctrl-C or SIGTERM (raised as an interrupt) mid-write: no temp file stays
+        tmp.unlink(missing_ok=True)
+        raise

@@ -2,7 +2,7 @@
 
 Three pieces, used wherever vox starts processes:
 
-- ``terminate_as_interrupt()``: in the main process, SIGTERM raises ``KeyboardInterrupt`` like Ctrl-C,
+- ``terminate_as_interrupt()``: in the main process, SIGTERM raises ``Terminated``, a ``KeyboardInterrupt``,
   so the ``finally`` blocks and ``except BaseException`` clean-ups that remove temp folders run for
   ``kill PID`` too (the default action of SIGTERM ends the process without running any of them).
 - ``worker_init``: the first thing a pool worker runs. It leaves stopping to the parent (SIGINT is
@@ -29,8 +29,13 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _JOIN_S = 5.0  # how long a terminated worker may take to go; then it is killed
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler, torchrun, ``kill``) raised like Ctrl-C, so cleanup runs the same way;
+    cli.run_command tells the two apart by this class (exit status 143, not 130)."""
+
+
 def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    raise Terminated(f"signal {signal.Signals(signum).name}")
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from tqdm import tqdm
 from voxlib.audio import load_audio, segment_frames
 from voxlib.config import outputs_dir
 from voxlib.fileio import UnreadableFile, file_kind, read_regular
+from voxlib.signals import process_pool
 from voxlib.corpora.labels import check_labels
 
 __all__ = ["Manifest", "ManifestError", "read_manifest", "load_audio", "SEX_TOKENS", "SILENCE_PEAK"]
@@ -302,7 +302,7 @@ def _probe_all(jobs: list[tuple], workers: int | None, progress: bool, label: st
         size = max(1, min(64, len(jobs) // (workers * 4)))
         chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with process_pool(workers, context) as pool:  # an interrupt stops the workers at once
             for chunk_results in pool.map(_probe_chunk, chunks):
                 results.extend(chunk_results)
                 bar.update(len(chunk_results))
