@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 from voxlib.config import GROUPS, Config, ConfigError, _field_type, field_info
 from voxlib.signals import Terminated
+from voxlib.text import one_line
 
 METAVARS = {str: "TEXT", int: "INT", float: "NUMBER"}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -255,7 +256,8 @@ def describe_error(err: BaseException) -> tuple[int, str] | None:
 
 def _message(err: BaseException) -> str:
     """The error's own text: a problem list keeps its first lines and counts the rest."""
-    lines = str(err).strip().splitlines() or [type(err).__name__]
+    # a message's own lines are kept; control characters inside one (a \r in a file name) are escaped
+    lines = [one_line(line) for line in str(err).strip().split("\n")] or [type(err).__name__]
     if len(lines) <= MESSAGE_LINES + 1:
         return "\n".join(lines)
     rest = len(lines) - 1 - MESSAGE_LINES

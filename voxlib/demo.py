@@ -467,7 +467,7 @@ def _render_all(plan: str, results: str) -> None:
     done: dict[str, SpeakerJob] = {}
     context = multiprocessing.get_context("fork")
     with signals.terminate_as_interrupt(), context.Pool(
-            max(1, min(len(jobs), cpus)), initializer=signals.worker_init, maxtasksperchild=1) as pool:
+            max(1, min(len(jobs), cpus)), initializer=signals.leave_stopping_to_parent, maxtasksperchild=1) as pool:
         finished = pool.imap_unordered(render_speaker, jobs)
         for _ in jobs:
             job = finished.next(timeout=SPEAKER_TIMEOUT_S)  # a crashed worker must not hang the build

@@ -70,10 +70,23 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
+def leave_stopping_to_parent() -> None:
+    """A worker ignores Ctrl-C (it reaches the whole process group; the parent handles it) and ends at
+    once on SIGTERM (a forked worker would inherit terminate_as_interrupt's handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def worker_init(initializer: Callable | None = None, *initargs) -> None:
-    """Pool-worker start-up: the parent decides when to stop; a dead parent takes the worker with it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent handles it
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits terminate_as_interrupt's handler
+    """Pool-worker start-up: the parent decides when to stop; a dead parent takes the worker with it.
+
+    Only for pools whose workers are started by the thread that lives as long as the pool (a
+    ProcessPoolExecutor without max_tasks_per_child): the kernel's parent-death signal follows the
+    forking *thread*. multiprocessing.Pool re-forks workers from a helper thread that ends at
+    terminate(), which would kill idle workers holding the task queue's lock; such a pool uses
+    ``leave_stopping_to_parent`` alone.
+    """
+    leave_stopping_to_parent()
     die_with_parent()
     if initializer is not None:
         initializer(*initargs)

@@ -37,6 +37,7 @@ from voxlib.audio import load_audio, segment_frames
 from voxlib.config import outputs_dir
 from voxlib.fileio import UnreadableFile, file_kind, read_regular
 from voxlib.signals import process_pool
+from voxlib.text import one_line
 from voxlib.corpora.labels import check_labels
 
 __all__ = ["Manifest", "ManifestError", "read_manifest", "load_audio", "SEX_TOKENS", "SILENCE_PEAK"]
@@ -72,7 +73,8 @@ class ManifestError(ValueError):
 
 
 def _format_problem(row: int, path: str, reason: str) -> str:
-    return f"{reason}" if row == 0 else f"row {row} ({path}): {reason}"
+    """One line, whatever the file name or label holds (text.one_line escapes control characters)."""
+    return one_line(reason) if row == 0 else f"row {row} ({one_line(path)}): {one_line(reason)}"
 
 
 @dataclass
