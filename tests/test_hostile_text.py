@@ -170,3 +170,21 @@ def test_errors_and_log_lines_show_control_characters_escaped(corpus, tmp_path):
     assert one_line(UNICODE) == UNICODE  # printable text of any script is kept as is
     assert plot_label("$x$") == r"\$x\$"
     assert re.fullmatch(r"[^\r\n]*", plot_label(HOSTILE["east"]))
+
+
+def test_log_lines_name_a_hostile_file_on_one_line(corpus):
+    import logging
+
+    from voxlib.cli import log_to
+
+    logger = logging.getLogger("voxlib")
+    before = logger.handlers[:], logger.propagate, logger.level
+    stream = io.StringIO()
+    log_to(stream)
+    try:
+        name = hostile_name("north0", 0)
+        logging.getLogger("voxlib.predict").warning("%s: skipped: %s", corpus.parent / name, "bad\x1b[2J")
+    finally:
+        logger.handlers[:], logger.propagate, logger.level = before
+    [line] = stream.getvalue().splitlines()
+    assert line == f"{one_line(corpus.parent / name)}: skipped: bad\\x1b[2J"

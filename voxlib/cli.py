@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import os
 import signal
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
 from voxlib.config import GROUPS, Config, ConfigError, _field_type, field_info
@@ -283,16 +284,28 @@ def _main_thread() -> bool:
 
 
 # --- progress lines ------------------------------------------------------------------------------
+class OneLineFormatter(logging.Formatter):
+    """Log lines with corpus text harmless: the message's arguments (file names, labels) on one line
+    with control characters escaped (text.one_line); the message's own line breaks kept."""
+
+    def formatMessage(self, record) -> str:
+        return "\n".join(one_line(line) for line in super().formatMessage(record).split("\n"))
+
+    def format(self, record) -> str:
+        if isinstance(record.args, tuple) and record.args:
+            shown = tuple(one_line(a) if isinstance(a, (str, PurePath)) else a for a in record.args)
+            record = logging.makeLogRecord({**record.__dict__, "args": shown})
+        return super().format(record)
+
+
 def log_to(stream: Any = None, level: int = 20) -> None:
     """vox's log lines (one per epoch, resume and skip notices) as plain text on ``stream``.
 
     Notebooks call ``log_to(sys.stdout)``: stdout is the cell's ordinary output, where stderr would
     be a pink block in the HTML report. Calling it again replaces the handler (no doubled lines).
     """
-    import logging
-
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(OneLineFormatter("%(message)s"))
     logger = logging.getLogger("voxlib")
     logger.handlers[:] = [handler]
     logger.setLevel(level)
