@@ -170,7 +170,7 @@ def test_debug_and_bugs_keep_the_traceback(monkeypatch):
 def test_sigterm_ends_the_command_like_ctrl_c(capsys):
     before = signal.getsignal(signal.SIGTERM)
     assert run_command(lambda argv: os.kill(os.getpid(), signal.SIGTERM) or signal.pause(), []) == EXIT_TERMINATED
-    assert capsys.readouterr().err == "error: terminated (SIGTERM); re-run the same command to resume\n"
+    assert capsys.readouterr().err == "error: interrupted (SIGTERM); re-run the same command to resume\n"
     assert signal.getsignal(signal.SIGTERM) is before
 
 

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import os
 import signal
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
 from voxlib.config import GROUPS, Config, ConfigError, _field_type, field_info
+from voxlib.signals import Terminated
+from voxlib.text import one_line
 
 METAVARS = {str: "TEXT", int: "INT", float: "NUMBER"}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -42,8 +45,6 @@ PATH_ERRORS = {"FileNotFoundError": "no such file or folder", "PermissionError":
                "FileExistsError": "already exists"}
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch scheduler, torchrun, ``kill``) raised like Ctrl-C, so cleanup runs the same way."""
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def describe_error(err: BaseException) -> tuple[int, str] | None:
     """(exit status, message) for a user error; None for anything else (SystemExit, bugs)."""
     names = [cls.__name__ for cls in type(err).__mro__]
     if isinstance(err, Terminated):
-        return EXIT_TERMINATED, "error: terminated (SIGTERM); re-run the same command to resume"
+        return EXIT_TERMINATED, "error: interrupted (SIGTERM); re-run the same command to resume"
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "error: interrupted; re-run the same command to resume"
     if isinstance(err, OSError) and names[0] in PATH_ERRORS or (isinstance(err, OSError) and err.filename):
@@ -256,7 +257,8 @@ def describe_error(err: BaseException) -> tuple[int, str] | None:
 
 def _message(err: BaseException) -> str:
     """The error's own text: a problem list keeps its first lines and counts the rest."""
-    lines = str(err).strip().splitlines() or [type(err).__name__]
+    # a message's own lines are kept; control characters inside one (a \r in a file name) are escaped
+    lines = [one_line(line) for line in str(err).strip().split("\n")] or [type(err).__name__]
     if len(lines) <= MESSAGE_LINES + 1:
         return "\n".join(lines)
     rest = len(lines) - 1 - MESSAGE_LINES
@@ -282,16 +284,28 @@ def _main_thread() -> bool:
 
 
 # --- progress lines ------------------------------------------------------------------------------
+class OneLineFormatter(logging.Formatter):
+    """Log lines with corpus text harmless: the message's arguments (file names, labels) on one line
+    with control characters escaped (text.one_line); the message's own line breaks kept."""
+
+    def formatMessage(self, record) -> str:
+        return "\n".join(one_line(line) for line in super().formatMessage(record).split("\n"))
+
+    def format(self, record) -> str:
+        if isinstance(record.args, tuple) and record.args:
+            shown = tuple(one_line(a) if isinstance(a, (str, PurePath)) else a for a in record.args)
+            record = logging.makeLogRecord({**record.__dict__, "args": shown})
+        return super().format(record)
+
+
 def log_to(stream: Any = None, level: int = 20) -> None:
     """vox's log lines (one per epoch, resume and skip notices) as plain text on ``stream``.
 
     Notebooks call ``log_to(sys.stdout)``: stdout is the cell's ordinary output, where stderr would
     be a pink block in the HTML report. Calling it again replaces the handler (no doubled lines).
     """
-    import logging
-
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(OneLineFormatter("%(message)s"))
     logger = logging.getLogger("voxlib")
     logger.handlers[:] = [handler]
     logger.setLevel(level)

@@ -36,6 +36,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
+from voxlib import signals
 from voxlib.config import Config, ConfigError, outputs_dir, usable_cores
 
 SAMPLE_RATE = 16000
@@ -457,11 +459,15 @@ def _render_all(plan: str, results: str) -> None:
     and cheap. Prints one line per finished speaker (the caller's progress bar) and pickles the
     jobs, with their results, to ``results``.
     """
+    # The caller stops this helper with SIGTERM (or dies); either way the pool's workers go with it:
+    # SIGTERM raises here, and leaving the Pool block terminates them.
+    signals.die_with_parent(signal.SIGTERM)
     jobs: list[SpeakerJob] = pickle.loads(Path(plan).read_bytes())
     cpus = usable_cores()
     done: dict[str, SpeakerJob] = {}
     context = multiprocessing.get_context("fork")
-    with context.Pool(max(1, min(len(jobs), cpus)), maxtasksperchild=1) as pool:
+    with signals.terminate_as_interrupt(), context.Pool(
+            max(1, min(len(jobs), cpus)), initializer=signals.leave_stopping_to_parent, maxtasksperchild=1) as pool:
         finished = pool.imap_unordered(render_speaker, jobs)
         for _ in jobs:
             job = finished.next(timeout=SPEAKER_TIMEOUT_S)  # a crashed worker must not hang the build
@@ -488,8 +494,12 @@ def run_jobs(jobs: list[SpeakerJob], desc: str = "demo corpus") -> list[SpeakerJ
             [sys.executable, "-c", code, str(plan), str(results)],
             stdout=subprocess.PIPE, stderr=err, text=True, env=env,
         ) as helper, tqdm(total=len(jobs), desc=desc, unit="speaker") as bar:
-            for _ in helper.stdout:
-                bar.update(1)
+            try:
+                for _ in helper.stdout:
+                    bar.update(1)
+            except BaseException:  # Ctrl-C, SIGTERM: the helper and its workers end before tmp goes
+                signals.stop_subprocess(helper)
+                raise
         if helper.returncode != 0 or not results.is_file():
             tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-15:])
             raise DemoCorpusError(

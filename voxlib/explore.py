@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from voxlib.config import Config
+from voxlib.text import plot_label
 
 NO_LABEL = "(none)"  # shown for an empty label, so an unlabelled group is counted, not dropped
 GROUPS = ("speaker", "birthplace", "sex")
@@ -111,11 +112,6 @@ def totals(table: pd.DataFrame) -> dict[str, float]:
 
 
 # --- figures ---------------------------------------------------------------------------------------
-def _plain(text: str) -> str:
-    """A label drawn by matplotlib: '$' would otherwise start mathtext."""
-    return str(text).replace("$", r"\$")
-
-
 def duration_histogram(table: pd.DataFrame, cfg: Config, ax=None):
     """Utterance lengths against the crop length the network sees (clips shorter are padded)."""
     import matplotlib.pyplot as plt
@@ -143,7 +139,7 @@ def speaker_balance_figure(table: pd.DataFrame, max_classes: int = 60):
     sexes = [c for c in shown.columns if c != "speakers"]
     left = np.zeros(len(shown))
     for sex in sexes:
-        ax.barh([_plain(b) for b in shown.index], shown[sex], left=left, label=_plain(sex))
+        ax.barh([plot_label(b) for b in shown.index], shown[sex], left=left, label=plot_label(sex))
         left += shown[sex].to_numpy()
     ax.invert_yaxis()
     title = "Speakers per birthplace"
@@ -221,7 +217,7 @@ def spectrogram_grid(table: pd.DataFrame, cfg: Config, per_group: int = 1, max_g
         shown = ax.imshow((image - 1.0) * cfg.top_db, origin="lower", aspect="auto", vmin=-cfg.top_db, vmax=0,
                           cmap="magma", extent=(0, seconds, 0, nyquist_khz))
         title = f"{names.at[index, 'birthplace']} / {names.at[index, 'sex']}\n{names.at[index, 'speaker']}"
-        ax.set_title(_plain(title), fontsize=9)
+        ax.set_title(plot_label(title), fontsize=9)
         ax.set(xlabel="s", ylabel="kHz")
     if len(rows):
         fig.colorbar(shown, ax=axes, label="dB re full scale", shrink=0.9 if nrows > 1 else 1.0, pad=0.01)

@@ -9,17 +9,15 @@ against the kernel's working directory.
 from __future__ import annotations
 
 import dataclasses
-import html
-import re
 import warnings
 from pathlib import Path
 
 from voxlib.config import Config, ConfigError, project_root
 from voxlib.runfolder import default_run_dir
+from voxlib.text import markdown
 
 PATH_FIELDS = ("manifest", "run_dir", "compare_run_dir", "cache_dir")  # str fields naming files/folders
 
-_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+!|~$-])")  # <, >, & are left to html.escape
 
 
 def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
@@ -65,8 +63,8 @@ def prepare(cfg: Config, need: str = "manifest") -> Config:
 
 
 def escape_markdown(text: object) -> str:
-    """A corpus label made safe to paste into Markdown: no HTML, no accidental formatting."""
-    return html.escape(_MARKDOWN_SPECIALS.sub(r"\\\1", str(text)), quote=True)
+    """A corpus label made safe to paste into Markdown: no HTML, no accidental formatting (text.markdown)."""
+    return markdown(text)
 
 
 def as_table(values: dict, name: str = "value"):

@@ -9,6 +9,7 @@ inline backend does not draw it twice. Works under the Agg backend (no display n
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import matplotlib.pyplot as plt
@@ -17,6 +18,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
+
+from voxlib.text import plot_label, plot_table
 
 SPLIT_ORDER = ("train", "seen_val", "unseen_val", "seen_test", "unseen_test")
 ANNOTATE_MAX = 15  # confusion matrices up to this many classes print each cell's value
@@ -45,6 +48,25 @@ def styled(table: pd.DataFrame):
             .format_index(escape="html", axis=0).format_index(escape="html", axis=1))
 
 
+def literal_labels(figure_function):
+    """Every table, name and title a figure function gets is drawn as written (text.plot_table /
+    plot_label): corpus labels reach tick labels, legends and titles through it."""
+    def literal(value):
+        if isinstance(value, pd.DataFrame):
+            return plot_table(value)
+        if isinstance(value, str):
+            return plot_label(value)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return type(value)(plot_label(v) for v in value)
+        return value
+
+    @functools.wraps(figure_function)
+    def drawn(*args, **kwargs):
+        return figure_function(*map(literal, args), **{k: literal(v) for k, v in kwargs.items()})
+
+    return drawn
+
+
 def _percent_axis(axis) -> None:
     axis.set_major_formatter(PercentFormatter(1.0, decimals=0))
 
@@ -66,6 +88,7 @@ def _done(fig: Figure) -> Figure:
     return fig
 
 
+@literal_labels
 def learning_curves(curves: pd.DataFrame, ylabel: str = "cross-entropy",
                     baselines: pd.DataFrame | None = None) -> Figure:
     """One panel per head: the metric against epoch, one line per split (train / seen / unseen val).
@@ -102,6 +125,7 @@ def learning_curves(curves: pd.DataFrame, ylabel: str = "cross-entropy",
     return _done(fig)
 
 
+@literal_labels
 def confusion_heatmap(matrix: pd.DataFrame, title: str = "") -> Figure:
     """Row-normalised confusion matrix that stays readable from 2 to 100+ classes.
 
@@ -121,6 +145,7 @@ def confusion_heatmap(matrix: pd.DataFrame, title: str = "") -> Figure:
     return _done(fig)
 
 
+@literal_labels
 def recall_vs_size(table: pd.DataFrame, size: str = "train_speakers",
                    recall: Sequence[str] | str = ("recall_seen", "recall_unseen")) -> Figure:
     """Per-class recall against training size (log x): do small classes fail?
@@ -140,6 +165,7 @@ def recall_vs_size(table: pd.DataFrame, size: str = "train_speakers",
     return _done(fig)
 
 
+@literal_labels
 def embedding_scatter(projection: pd.DataFrame, hues: Sequence[str] = ("birthplace", "sex")) -> Figure:
     """The 2-D projection of trunk features, one panel per label used as colour, marker per split."""
     hues = [h for h in hues if h in projection.columns]
@@ -160,6 +186,7 @@ def embedding_scatter(projection: pd.DataFrame, hues: Sequence[str] = ("birthpla
     return _done(fig)
 
 
+@literal_labels
 def seen_unseen_bars(table: pd.DataFrame) -> Figure:
     """Accuracy on seen vs unseen speakers per head, each beside its majority baseline.
 
@@ -180,6 +207,7 @@ def seen_unseen_bars(table: pd.DataFrame) -> Figure:
     return _done(fig)
 
 
+@literal_labels
 def compare_runs(comparison: pd.DataFrame, measures: Sequence[str] = COMPARE_MEASURES) -> Figure:
     """Two (or more) runs side by side on the fraction-valued measures of ``analysis.compare_runs``."""
     runs = [c for c in comparison.columns if c != "difference"]
@@ -196,6 +224,7 @@ def compare_runs(comparison: pd.DataFrame, measures: Sequence[str] = COMPARE_MEA
     return _done(fig)
 
 
+@literal_labels
 def gradient_share(shares: pd.DataFrame) -> Figure:
     """Share of the trunk gradient per head over epochs (stacked to 1); ``analysis.gradient_share``."""
     wide = shares.pivot(index="epoch", columns="head", values="share").fillna(0)

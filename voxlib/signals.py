@@ -2,7 +2,7 @@
 
 Three pieces, used wherever vox starts processes:
 
-- ``terminate_as_interrupt()``: in the main process, SIGTERM raises ``KeyboardInterrupt`` like Ctrl-C,
+- ``terminate_as_interrupt()``: in the main process, SIGTERM raises ``Terminated``, a ``KeyboardInterrupt``,
   so the ``finally`` blocks and ``except BaseException`` clean-ups that remove temp folders run for
   ``kill PID`` too (the default action of SIGTERM ends the process without running any of them).
 - ``worker_init``: the first thing a pool worker runs. It leaves stopping to the parent (SIGINT is
@@ -29,8 +29,13 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _JOIN_S = 5.0  # how long a terminated worker may take to go; then it is killed
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler, torchrun, ``kill``) raised like Ctrl-C, so cleanup runs the same way;
+    cli.run_command tells the two apart by this class (exit status 143, not 130)."""
+
+
 def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    raise Terminated(f"signal {signal.Signals(signum).name}")
 
 
 @contextlib.contextmanager
@@ -65,10 +70,23 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
+def leave_stopping_to_parent() -> None:
+    """A worker ignores Ctrl-C (it reaches the whole process group; the parent handles it) and ends at
+    once on SIGTERM (a forked worker would inherit terminate_as_interrupt's handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def worker_init(initializer: Callable | None = None, *initargs) -> None:
-    """Pool-worker start-up: the parent decides when to stop; a dead parent takes the worker with it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent handles it
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits terminate_as_interrupt's handler
+    """Pool-worker start-up: the parent decides when to stop; a dead parent takes the worker with it.
+
+    Only for pools whose workers are started by the thread that lives as long as the pool (a
+    ProcessPoolExecutor without max_tasks_per_child): the kernel's parent-death signal follows the
+    forking *thread*. multiprocessing.Pool re-forks workers from a helper thread that ends at
+    terminate(), which would kill idle workers holding the task queue's lock; such a pool uses
+    ``leave_stopping_to_parent`` alone.
+    """
+    leave_stopping_to_parent()
     die_with_parent()
     if initializer is not None:
         initializer(*initargs)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from voxlib import __version__, runfolder
+from voxlib import __version__, runfolder, text
 from voxlib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from voxlib.config import FEATURES, LEARNING, Config, ConfigError, usable_cores
 from voxlib.data import BalancedSampler, CropDataset, RunData, load_run_data
@@ -689,7 +689,7 @@ def commit_epoch(run_dir: Path, epoch: int, rows: list[tuple], writer, state: di
         runfolder.write_metrics(run_dir, rows, keep_until=epoch - 1)
         _fault_point("write", runfolder.TENSORBOARD)
         for _, split, head, metric, value in rows:
-            writer.add_scalar(f"{metric}/{split}/{head}", value, epoch)
+            writer.add_scalar(f"{metric}/{split}/{text.tag(head)}", value, epoch)
         writer.flush()
         if improved:
             _fault_point("write", runfolder.BEST)

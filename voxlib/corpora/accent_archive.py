@@ -21,7 +21,7 @@ import io
 from pathlib import Path
 
 from .common import (CommonOptions, CorpusError, Rejection, Summary, Utterance, check_audio, default_out,
-                     fmt_seconds, read_text, write_corpus)
+                     fmt_seconds, read_text, require_file, write_corpus)
 
 SOURCES = ("country", "native_language", "birthplace")
 EXTRA_NAMES = {"country": "country", "native_language": "native_language", "birthplace": "birth_city"}
@@ -62,8 +62,7 @@ def build_manifest(
         raise ValueError("window and hop must be positive")
     root = Path(root)
     table = root / "speakers_all.csv"
-    if not table.is_file():
-        raise CorpusError(f"{table} not found: ROOT must hold speakers_all.csv and recordings/")
+    require_file(table, "ROOT must hold speakers_all.csv and recordings/")
     reader = csv.DictReader(io.StringIO(read_text(table)))
     header = {(h or "").strip() for h in reader.fieldnames or []}
     missing = {"filename", "sex", birthplace_from} - header

@@ -23,6 +23,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from voxlib.corpora.manifest import SEX_TOKENS
+from voxlib.fileio import UnreadableFile, file_kind, read_regular
 
 DEFAULT_MANIFEST = "vox_manifest.csv"
 SEX_CLASSES = ("female", "male")
@@ -141,8 +142,11 @@ def audio_duration(path: str) -> float:
 
 def check_audio(path: Path) -> tuple[float | None, str, str]:
     """(duration, '', '') for a readable file, else (None, reason, detail)."""
-    if not path.is_file():
+    kind = file_kind(path)
+    if kind == "missing":
         return None, "missing audio file", ""
+    if kind is not None:
+        return None, "not a regular file", kind
     try:
         duration = audio_duration(str(path))
     except Exception as err:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
@@ -152,9 +156,27 @@ def check_audio(path: Path) -> tuple[float | None, str, str]:
     return duration, "", ""
 
 
+def require_file(path: Path, hint: str) -> Path:
+    """``path`` if it is a regular file; else a CorpusError saying it is missing (with ``hint``) or
+    what it is (a FIFO, a device, a folder: never opened, so never blocks)."""
+    kind = file_kind(path)
+    if kind == "missing":
+        raise CorpusError(f"{path} not found: {hint}")
+    if kind is not None:
+        raise CorpusError(f"{path}: {kind}, not a regular file; not read")
+    return path
+
+
 def read_text(path: Path) -> str:
-    """Text of a metadata file: UTF-8 (a BOM is fine), else cp932 (Shift_JIS, used by Japanese corpora)."""
-    data = path.read_bytes()
+    """Text of a metadata file: UTF-8 (a BOM is fine), else cp932 (Shift_JIS, used by Japanese corpora).
+
+    Only a regular file of sane size is read (fileio.read_regular); anything else is a CorpusError
+    naming the file and what it is, which an adapter turns into a rejected.csv line for optional files.
+    """
+    try:
+        data = read_regular(path)
+    except UnreadableFile as err:
+        raise CorpusError(str(err)) from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import random
 from collections import defaultdict
 from pathlib import Path
 
+from voxlib.fileio import MAX_STREAMED_BYTES, UnreadableFile, open_regular
+
 from .common import (CommonOptions, CorpusError, Rejection, Summary, Utterance, clean_label, default_out,
-                     write_corpus)
+                     require_file, write_corpus)
 
 
 def build_manifest(
@@ -42,10 +45,12 @@ def build_manifest(
         raise ValueError("max_per_speaker must be >= 0")
     root = Path(root)
     table = root / tsv
-    if not table.is_file():
-        raise CorpusError(f"{table} not found: ROOT must be a Common Voice language folder (clips/, {tsv})")
+    require_file(table, f"ROOT must be a Common Voice language folder (clips/, {tsv})")
     # Streamed, not read whole: validated.tsv of a large language is hundreds of MB.
-    handle = table.open(encoding="utf-8-sig", newline="")
+    try:
+        handle = io.TextIOWrapper(open_regular(table, MAX_STREAMED_BYTES), encoding="utf-8-sig", newline="")
+    except UnreadableFile as err:
+        raise CorpusError(str(err)) from None
     reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = [(h or "").strip() for h in reader.fieldnames or []]
     accent_column = "accents" if "accents" in header else "accent"

@@ -29,7 +29,11 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+import defusedxml
+import defusedxml.ElementTree as SafeET
 from tqdm import tqdm
+
+from voxlib.fileio import UnreadableFile, read_regular
 
 from .common import (CommonOptions, CorpusError, Rejection, Summary, Utterance, clean_label, default_out,
                      fmt_seconds, read_text, write_corpus)
@@ -100,16 +104,28 @@ def region_of(birthplace: str) -> tuple[str, str]:
 
 # --- reading ----------------------------------------------------------------------------------
 def parse_xml(path: Path) -> ET.Element:
-    """Parse a talk XML, whatever its declared encoding (expat cannot read Shift_JIS itself)."""
-    data = path.read_bytes()
+    """Parse a talk XML, whatever its declared encoding (expat cannot read Shift_JIS itself).
+
+    Only a regular file of sane size is read (a CorpusError names anything else), and through
+    defusedxml: entity declarations (billion laughs) and external references are refused with a
+    defusedxml error, whatever the installed libexpat would do with them. A DOCTYPE line is fine.
+    """
+    try:
+        data = read_regular(path)
+    except UnreadableFile as err:
+        raise CorpusError(str(err)) from None
     match = re.match(rb"\s*<\?xml[^>]*encoding=[\"']([A-Za-z0-9_.\-]+)[\"']", data)
     encoding = (match.group(1).decode().lower() if match else "utf-8").replace("_", "-")
     if encoding in ("utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "latin-1"):
-        return ET.fromstring(data)
+        return _fromstring(data)
     if encoding in ("shift-jis", "sjis", "x-sjis", "windows-31j", "cp932", "ms932"):
         encoding = "cp932"  # the superset Windows tools write
     text = re.sub(r"^\s*<\?xml[^>]*\?>", "", data.decode(encoding), count=1)
-    return ET.fromstring(text)
+    return _fromstring(text)
+
+
+def _fromstring(data: bytes | str) -> ET.Element:
+    return SafeET.fromstring(data, forbid_dtd=False, forbid_entities=True, forbid_external=True)
 
 
 def _speaker_key(value: str | None) -> str:
@@ -228,20 +244,34 @@ def build_manifest(
     rdb_root = Path(rdb_dir) if rdb_dir else root
     speaker_table: dict[str, _Speaker] = {}
     talk_table: dict[str, list[dict[str, str]]] = {}
-    if (path := _find_table(rdb_root, "infoSpeaker")) is not None:
-        for row in _read_table(path):
-            speaker_table[_speaker_key(row.get("SpeakerID"))] = _Speaker(
-                row.get("SpeakerSex", ""), row.get("SpeakerBirthPlace", ""), row.get("SpeakerBirthGeneration", ""))
-    if (path := _find_table(rdb_root, "infoTalk")) is not None:
-        for row in _read_table(path):
-            talk_table.setdefault(row.get("TalkID", ""), []).append(row)
+    rejections: list[Rejection] = []
+
+    def table_rows(name: str) -> list[dict[str, str]]:
+        path = _find_table(rdb_root, name)
+        try:
+            return _read_table(path) if path is not None else []
+        except CorpusError as err:  # a FIFO or device named like an export: named, skipped, never read
+            rejections.append(Rejection(path, "metadata file not read", str(err)))
+            return []
+
+    for row in table_rows("infoSpeaker"):
+        speaker_table[_speaker_key(row.get("SpeakerID"))] = _Speaker(
+            row.get("SpeakerSex", ""), row.get("SpeakerBirthPlace", ""), row.get("SpeakerBirthGeneration", ""))
+    for row in table_rows("infoTalk"):
+        talk_table.setdefault(row.get("TalkID", ""), []).append(row)
 
     utterances: list[Utterance] = []
-    rejections: list[Rejection] = []
     unrecognised: set[str] = set()
     for xml in tqdm(xml_files, desc="csj: reading talk XML", unit="talk", disable=not options.progress):
         try:
             talk = parse_xml(xml)
+        except CorpusError as err:
+            rejections.append(Rejection(xml, "metadata file not read", str(err)))
+            continue
+        except defusedxml.DefusedXmlException as err:
+            rejections.append(Rejection(xml, "talk XML refused (entity declarations or external references)",
+                                        f"{xml}: {err}"))
+            continue
         except (ET.ParseError, UnicodeDecodeError, LookupError) as err:
             rejections.append(Rejection(xml, "unreadable talk XML", str(err)))
             continue

@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import CommonOptions, CorpusError, Rejection, Summary, Utterance, default_out, read_text, write_corpus
+from voxlib.fileio import file_kind
+
+from .common import (CommonOptions, CorpusError, Rejection, Summary, Utterance, default_out, read_text, require_file,
+                     write_corpus)
 
 SUBSETS = ("parallel100", "nonpara30", "whisper10", "falset10")
 WAV_DIR = "wav24kHz16bit"
@@ -54,8 +57,7 @@ def build_manifest(
         raise ValueError(f"subsets must be a comma list out of {SUBSETS}, got {subsets!r}")
     root = Path(root)
     gender_file = root / "gender_f0range.txt"
-    if not gender_file.is_file():
-        raise CorpusError(f"{gender_file} not found: ROOT must be the jvs_ver1 folder")
+    require_file(gender_file, "ROOT must be the jvs_ver1 folder")
     genders, rejections = read_genders(gender_file)
 
     utterances: list[Utterance] = []
@@ -68,8 +70,12 @@ def build_manifest(
             wavs = {p.stem: p for p in sorted(wav_dir.glob("*.wav"))}
             transcripts = speaker_dir / subset / "transcripts_utf8.txt"
             listed = []
-            if transcripts.is_file():
-                listed = [line.split(":", 1)[0].strip() for line in read_text(transcripts).splitlines() if ":" in line]
+            if file_kind(transcripts) != "missing":
+                try:
+                    listed = [line.split(":", 1)[0].strip() for line in read_text(transcripts).splitlines()
+                              if ":" in line]
+                except CorpusError as err:
+                    rejections.append(Rejection(transcripts, "metadata file not read", str(err)))
             for name in sorted(set(listed) - set(wavs)):
                 rejections.append(Rejection(wav_dir / f"{name}.wav", "missing audio file",
                                             f"listed in {subset}/transcripts_utf8.txt"))

@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +35,9 @@ from tqdm import tqdm
 
 from voxlib.audio import load_audio, segment_frames
 from voxlib.config import outputs_dir
+from voxlib.fileio import UnreadableFile, file_kind, read_regular
+from voxlib.signals import process_pool
+from voxlib.text import one_line
 from voxlib.corpora.labels import check_labels
 
 __all__ = ["Manifest", "ManifestError", "read_manifest", "load_audio", "SEX_TOKENS", "SILENCE_PEAK"]
@@ -71,7 +73,8 @@ class ManifestError(ValueError):
 
 
 def _format_problem(row: int, path: str, reason: str) -> str:
-    return f"{reason}" if row == 0 else f"row {row} ({path}): {reason}"
+    """One line, whatever the file name or label holds (text.one_line escapes control characters)."""
+    return one_line(reason) if row == 0 else f"row {row} ({one_line(path)}): {one_line(reason)}"
 
 
 @dataclass
@@ -214,8 +217,9 @@ def _probe(path: str, start: float, end: float, sample_rate: int, n_fft: int) ->
         return bad("missing file")
     except OSError as err:
         return bad(f"cannot access file ({err.strerror})")
-    if not os.path.isfile(path):
-        return bad("not a regular file")
+    kind = file_kind(path)
+    if kind is not None:
+        return bad(f"not a regular file ({kind}); not read")
     if stat.st_size == 0:
         return bad("empty file (0 bytes)")
     try:
@@ -300,7 +304,7 @@ def _probe_all(jobs: list[tuple], workers: int | None, progress: bool, label: st
         size = max(1, min(64, len(jobs) // (workers * 4)))
         chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with process_pool(workers, context) as pool:  # an interrupt stops the workers at once
             for chunk_results in pool.map(_probe_chunk, chunks):
                 results.extend(chunk_results)
                 bar.update(len(chunk_results))
@@ -379,7 +383,9 @@ def read_manifest(
         raise ValueError(f"on_bad_file must be 'stop' or 'skip', got {on_bad_file!r}")
     source = Path(path).absolute()
     try:
-        raw = source.read_bytes()
+        raw = read_regular(source)
+    except UnreadableFile as err:
+        raise ManifestError(source, [(0, "", f"manifest not read: {err.kind}")]) from None
     except OSError as err:
         raise ManifestError(source, [(0, "", f"cannot read manifest ({err.strerror})")]) from None
     header, rows, problems = _parse(source, _decode(source, raw))

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from .common import (CommonOptions, CorpusError, Rejection, Summary, Utterance, clean_label, default_out,
-                     read_text, write_corpus)
+                     read_text, require_file, write_corpus)
 
 LAYOUTS = {"0.92": "wav48_silence_trimmed", "0.80": "wav48"}
 
@@ -68,8 +68,7 @@ def build_manifest(
     options = CommonOptions.from_kwargs("vctk", common)
     root = Path(root)
     info_path = root / "speaker-info.txt"
-    if not info_path.is_file():
-        raise CorpusError(f"{info_path} not found: ROOT must be the VCTK folder holding speaker-info.txt")
+    require_file(info_path, "ROOT must be the VCTK folder holding speaker-info.txt")
     if layout == "auto":
         layout = next((v for v, d in LAYOUTS.items() if (root / d).is_dir()), "")
         if not layout:
