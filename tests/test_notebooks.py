@@ -2,6 +2,7 @@
 the full 01 -> 03 chain runs once per session and every check on its HTML shares that run)."""
 import ast
 import csv
+import json
 import re
 import shutil
 from pathlib import Path
@@ -52,6 +53,9 @@ def test_committed_notebook_is_clean_and_its_parameters_are_config_defaults(name
     assigned = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(tagged[0].source).body}
     assert assigned and all(defaults[k] == v for k, v in assigned.items()), assigned
     assert "Config.from_namespace(globals())" in code[1].source  # the cell right after checks them
+    # a cell without an id makes nbformat warn on every run of the report (read the raw JSON: nbformat fills them in)
+    ids = [c.get("id") for c in json.loads((NOTEBOOK_DIR / f"{name}.ipynb").read_text())["cells"]]
+    assert None not in ids and len(set(ids)) == len(ids), ids
 
 
 def test_prepare_names_a_missing_manifest_or_run(tmp_path):
