@@ -96,8 +96,10 @@ def test_train_report_has_learning_curves_and_the_accuracy_table(chain):
     assert re.search(r">\d{1,3}\.\d%\s*</td>", table)  # shares as percent, one decimal
 
 
-def test_train_report_has_no_stderr_block(chain):
-    nb = nbformat.read(chain.run_dir / "notebooks" / "02_train.ipynb", as_version=4)
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_reports_have_no_stderr_block(chain, name):
+    """Progress bars and warnings on stderr would show as pink blocks in the HTML."""
+    nb = nbformat.read(chain.run_dir / "notebooks" / f"{name}.ipynb", as_version=4)
     streams = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream"]
     assert [o["name"] for o in streams if o["name"] == "stderr"] == [], [o["text"][:200] for o in streams]
 
