@@ -207,6 +207,25 @@ def test_plots_return_closed_figures_with_expected_axes(tmp_path):
     assert figures["recall"][0].axes[0].get_xscale() == "log"
 
 
+def test_epoch_axes_tick_whole_epochs_only(tmp_path):
+    run = load_run(make_run_folder(tmp_path / "a", epochs=2))  # matplotlib alone would tick 1.0, 1.2, ...
+    fig = plots.learning_curves(learning_curves(run, "acc"), "accuracy")
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_tables_show_shares_as_percent_without_row_numbers():
+    from voxlib.notebook import as_table
+
+    html = plots.styled(pd.DataFrame({"head": ["sex"], "accuracy": [0.5], "low": [0.25]})).to_html()
+    assert ">50.0%<" in html and ">25.0%<" in html and ">0<" not in html  # no 0..n-1 index column
+    named = plots.styled(pd.DataFrame({"accuracy": [0.5]}, index=["sex"])).to_html()
+    assert ">sex<" in named  # a meaningful index stays
+    table = as_table({"head": "birthplace", "probe_accuracy": 0.1875, "slope": -0.2262311, "n_test": 80})
+    assert table["value"].tolist() == ["birthplace", "18.8%", "-0.2262", 80]
+
+
 def test_confusion_heatmap_scales_with_many_classes():
     small = pd.DataFrame(np.eye(3), index=list("abc"), columns=list("abc"))
     names = [f"class{i:02d}" for i in range(60)]

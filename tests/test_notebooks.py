@@ -2,6 +2,7 @@
 the full 01 -> 03 chain runs once per session and every check on its HTML shares that run)."""
 import ast
 import csv
+import json
 import re
 import shutil
 from pathlib import Path
@@ -52,6 +53,9 @@ def test_committed_notebook_is_clean_and_its_parameters_are_config_defaults(name
     assigned = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(tagged[0].source).body}
     assert assigned and all(defaults[k] == v for k, v in assigned.items()), assigned
     assert "Config.from_namespace(globals())" in code[1].source  # the cell right after checks them
+    # a cell without an id makes nbformat warn on every run of the report (read the raw JSON: nbformat fills them in)
+    ids = [c.get("id") for c in json.loads((NOTEBOOK_DIR / f"{name}.ipynb").read_text())["cells"]]
+    assert None not in ids and len(set(ids)) == len(ids), ids
 
 
 def test_prepare_names_a_missing_manifest_or_run(tmp_path):
@@ -92,8 +96,10 @@ def test_train_report_has_learning_curves_and_the_accuracy_table(chain):
     assert re.search(r">\d{1,3}\.\d%\s*</td>", table)  # shares as percent, one decimal
 
 
-def test_train_report_has_no_stderr_block(chain):
-    nb = nbformat.read(chain.run_dir / "notebooks" / "02_train.ipynb", as_version=4)
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_reports_have_no_stderr_block(chain, name):
+    """Progress bars and warnings on stderr would show as pink blocks in the HTML."""
+    nb = nbformat.read(chain.run_dir / "notebooks" / f"{name}.ipynb", as_version=4)
     streams = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream"]
     assert [o["name"] for o in streams if o["name"] == "stderr"] == [], [o["text"][:200] for o in streams]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,7 @@ def utterance_features(run: Run, encoder: bool = True, progress: bool = False) -
     ends = pd.to_numeric(splits["end"], errors="coerce") if "end" in splits.columns else [math.nan] * len(splits)
     features: dict[str, list[np.ndarray]] = {name: [] for name in functions}
     for path, start, end in tqdm(zip(splits["path"], starts, ends), total=len(splits), desc="reference features",
-                                 unit="clip", disable=not progress):
+                                 unit="clip", disable=not (progress and sys.stderr.isatty())):
         wave = load_audio(path, rate, start, end)
         for name, function in functions.items():
             features[name].append(function(wave, rate))

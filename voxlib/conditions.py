@@ -32,6 +32,7 @@ rate and text as much as the set-up, and an accent that speaks slower is not a c
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -102,7 +103,7 @@ def measure_conditions(table: pd.DataFrame, progress: bool = False) -> pd.DataFr
     ends = pd.to_numeric(table["end"], errors="coerce") if "end" in table.columns else pd.Series(math.nan, table.index)
     rows = []
     for path, start, end in tqdm(zip(table["path"], starts, ends), total=len(table), desc="recording conditions",
-                                 unit="clip", disable=not progress):
+                                 unit="clip", disable=not (progress and sys.stderr.isatty())):
         try:
             rows.append(clip_conditions(str(path), float(start), float(end)))
         except (sf.LibsndfileError, RuntimeError, OSError) as err:

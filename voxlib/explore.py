@@ -22,8 +22,13 @@ def load(cfg: Config):
     """The manifest as training will read it (same bad-file policy)."""
     from voxlib.corpora.manifest import read_manifest
 
+    import sys
+
+    # the same reading as data.load_run_data; a bar only on a terminal (in a notebook it is stderr lines)
     return read_manifest(cfg.manifest, on_bad_file=cfg.on_bad_file, allow_outside_paths=cfg.allow_outside_paths,
-                         sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, cache_dir=cfg.cache_dir or None)
+                         sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, cache_dir=cfg.cache_dir or None,
+                         progress=sys.stderr.isatty(), speaker_labels=cfg.speaker_label_names(),
+                         label_conflicts=cfg.label_conflicts)
 
 
 def has_labels(table: pd.DataFrame, column: str) -> bool:

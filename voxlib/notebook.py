@@ -68,7 +68,18 @@ def escape_markdown(text: object) -> str:
 
 
 def as_table(values: dict, name: str = "value"):
-    """A flat dict of numbers and names as a one-column table (reads better than a dict repr)."""
+    """A flat dict of numbers and names as a one-column table (reads better than a dict repr).
+
+    Shares (the keys plots.SHARE_COLUMNS names: accuracies, majority, chance ...) read as percent with
+    one decimal, like every other table; other floats to 4 significant digits.
+    """
     import pandas as pd
 
-    return pd.Series(values, name=name, dtype=object).to_frame()
+    from voxlib.plots import PERCENT, SHARE_COLUMNS
+
+    def shown(key, value):
+        if isinstance(value, float):
+            return PERCENT.format(value) if key in SHARE_COLUMNS else f"{value:.4g}"
+        return value
+
+    return pd.Series({k: shown(k, v) for k, v in values.items()}, name=name, dtype=object).to_frame()

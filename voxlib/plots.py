@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from voxlib.text import plot_label, plot_table
 
@@ -32,7 +32,8 @@ COMPARE_MEASURES = ("accuracy_seen", "accuracy_unseen", "balanced_accuracy_unsee
 SHARE_COLUMNS = frozenset({
     "accuracy", "top3", "balanced_accuracy", "chance", "majority", "through_speaker", "agreement", "seen", "unseen",
     "gap", "gap_se", "seen_majority", "unseen_majority", "recall_seen", "recall_unseen", "precision", "recall", "f1",
-    "rate", "share", "probe_accuracy", "probe_balanced_accuracy", "head_accuracy", "difference_se"})
+    "rate", "share", "probe_accuracy", "probe_balanced_accuracy", "head_accuracy", "difference_se",
+    "low", "high"})  # low, high: a confidence interval of an accuracy
 PERCENT = "{:.1%}"
 
 
@@ -42,10 +43,12 @@ def styled(table: pd.DataFrame):
     floats = [c for c in table.select_dtypes("float").columns if c not in SHARE_COLUMNS]
     texts = [c for c in table.columns if c not in shares and c not in floats]
     # label names come from the corpus: escaped, so a label like <script> shows as text
-    return (table.style.format(PERCENT, subset=shares, na_rep="")
-            .format("{:.3g}", subset=floats, na_rep="")
-            .format(escape="html", subset=texts)
-            .format_index(escape="html", axis=0).format_index(escape="html", axis=1))
+    style = (table.style.format(PERCENT, subset=shares, na_rep="")
+             .format("{:.3g}", subset=floats, na_rep="")
+             .format(escape="html", subset=texts)
+             .format_index(escape="html", axis=0).format_index(escape="html", axis=1))
+    # a plain 0..n-1 row number says nothing a reader needs
+    return style.hide(axis="index") if isinstance(table.index, pd.RangeIndex) else style
 
 
 def literal_labels(figure_function):
@@ -69,6 +72,11 @@ def literal_labels(figure_function):
 
 def _percent_axis(axis) -> None:
     axis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+
+
+def _epoch_axis(ax) -> None:
+    """Whole epochs only on the x axis (no 1.5)."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _legend_outside(ax, **kw) -> None:
@@ -117,6 +125,7 @@ def learning_curves(curves: pd.DataFrame, ylabel: str = "cross-entropy",
                 ax.axhline(np.log(1 / row["chance"]), color="0.35", linestyle=":", linewidth=1,
                            label="uniform guess (ln K)")
         ax.set(title=head, ylabel=ylabel, xlabel="epoch")
+        _epoch_axis(ax)
         if accuracy:
             _percent_axis(ax.yaxis)
         if ax is not axes[-1] and ax.get_legend() is not None:
@@ -234,6 +243,7 @@ def gradient_share(shares: pd.DataFrame) -> Figure:
     ax.stackplot(wide.index, wide.T.to_numpy(), labels=list(wide.columns), colors=colours, alpha=0.9)
     ax.set(xlabel="epoch", ylabel="share of gradient norm", ylim=(0, 1),
            xlim=(wide.index.min(), max(wide.index.max(), wide.index.min() + 1)))
+    _epoch_axis(ax)
     _percent_axis(ax.yaxis)
     _legend_outside(ax)
     return _done(fig)

@@ -305,6 +305,8 @@ def write_index(report: Report, values: dict[str, Any]) -> Path:
 body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; }}
+table.settings {{ table-layout: fixed; width: 100%; }}
+table.settings td {{ overflow-wrap: anywhere; }}  /* long paths wrap instead of widening the page */
 .error {{ color: #a00; white-space: pre-wrap; margin: 0; }}
 td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 .note {{ color: #555; font-size: 0.9em; }}
@@ -397,11 +399,16 @@ def settings_html(run_dir: Path, values: dict[str, Any]) -> str:
         given = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in sorted(values.items()))
         return ("<h2>Settings</h2><p>The run folder has no config.json yet; the parameters given were:</p>"
                 f"<table>{given}</table>")
-    body = "".join(f"<tr><td>{esc(n)}</td><td><b>{esc(v)}</b></td><td>{esc(d)}</td><td class='note'>{esc(h)}</td></tr>"
+    def value(v: str, d: str) -> str:
+        return f"<b>{esc(v)}</b>" if d and v != d else esc(v)
+
+    body = "".join(f"<tr><td>{esc(n)}</td><td>{value(v, d)}</td><td>{esc(d)}</td><td class='note'>{esc(h)}</td></tr>"
                    for n, v, d, h in rows)
     return ("<h2>Settings of this run</h2>\n<p>From the run's config.json and summary.json: every setting that "
-            "differs from its default, and the main training settings even at their defaults.</p>\n"
-            f"<table><tr><th>setting</th><th>value</th><th>default</th><th>meaning</th></tr>{body}</table>")
+            "differs from its default (in bold), and the main training settings even at their defaults.</p>\n"
+            "<table class='settings'><colgroup><col style='width: 22%'><col style='width: 36%'>"
+            "<col style='width: 12%'><col style='width: 30%'></colgroup>"
+            f"<tr><th>setting</th><th>value</th><th>default</th><th>meaning</th></tr>{body}</table>")
 
 
 VERDICT_TITLE = "### Verdict"

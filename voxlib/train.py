@@ -61,6 +61,7 @@ from voxlib.model import Discriminator
 log = logging.getLogger("voxlib.train")  # not __name__: that is "__main__" under python -m
 
 EMBED_TRAIN_MAX = 2000  # train utterances sampled into embeddings.npz
+TB_CONFUSION_MAX = 60  # heads with more classes get no confusion figure in TensorBoard (accuracy curves only)
 RECORD_FIELDS = ("manifest_digest", "cache_key")
 
 # Test-only fault points: tests append callables here; production code never reads the environment
@@ -518,6 +519,9 @@ def evaluate(parts: Parts, data: RunData, cfg: Config, env: Dist, rows: np.ndarr
     loader = DataLoader(dataset, batch_size=max(1, parts.local_batch), shuffle=False, **parts.loader_args)
     H = len(data.heads)
     loss_sum, correct, valid = (torch.zeros(H, dtype=torch.float64) for _ in range(3))
+    # counts of (true, predicted) for TensorBoard's confusion figures; a large head has none
+    sizes = {h: len(data.vocab[h]) for h in data.heads if len(data.vocab[h]) <= TB_CONFUSION_MAX}
+    confusion = {h: torch.zeros(n * n, dtype=torch.int64) for h, n in sizes.items()}
     kept = {"row": [], "probs": {h: [] for h in data.heads}, "features": []}
     batches = ((x, (y, r)) for x, y, r in loader)
     for (y, r), probs, trunk in crop_averaged(parts.net, batches, env.device, parts.precision, parts.channels_last,
@@ -526,8 +530,11 @@ def evaluate(parts: Parts, data: RunData, cfg: Config, env: Dist, rows: np.ndarr
             t = y[h]
             ok = t >= 0
             loss_sum[k] += -probs[h][ok, t[ok]].clamp(min=1e-12).log().sum().item()
-            correct[k] += (probs[h][ok].argmax(1) == t[ok]).sum().item()
+            predicted = probs[h][ok].argmax(1)
+            correct[k] += (predicted == t[ok]).sum().item()
             valid[k] += ok.sum().item()
+            if h in confusion:
+                confusion[h] += torch.bincount(t[ok] * sizes[h] + predicted, minlength=sizes[h] ** 2)
             if collect:
                 kept["probs"][h].append(probs[h])
         if collect:
@@ -535,7 +542,9 @@ def evaluate(parts: Parts, data: RunData, cfg: Config, env: Dist, rows: np.ndarr
             kept["features"].append(trunk)
     if shard:
         loss_sum, correct, valid = (env.sum(t) for t in (loss_sum, correct, valid))
-    out = dict(loss=loss_sum / valid.clamp(min=1), acc=correct / valid.clamp(min=1), valid=valid)
+        confusion = {h: env.sum(c) for h, c in confusion.items()}
+    out = dict(loss=loss_sum / valid.clamp(min=1), acc=correct / valid.clamp(min=1), valid=valid,
+               confusion={h: c.reshape(sizes[h], sizes[h]).numpy() for h, c in confusion.items()})
     if collect:
         out["row"] = torch.cat(kept["row"]).numpy() if kept["row"] else np.zeros(0, np.int64)
         out["probs"] = {h: torch.cat(p).numpy() for h, p in kept["probs"].items() if p}
@@ -701,6 +710,46 @@ def commit_epoch(run_dir: Path, epoch: int, rows: list[tuple], writer, state: di
                             f"to resume.") from err
 
 
+def tensorboard_confusion(writer, epoch: int, val: dict[str, dict], vocab: dict[str, list[str]]) -> None:
+    """Per head, this epoch's seen-speaker validation confusion matrix as a TensorBoard image."""
+    import matplotlib
+    import pandas as pd
+
+    from voxlib.plots import confusion_heatmap
+
+    result = val.get("seen_val")
+    if result is None:
+        return
+    # class names are corpus text: a '$' in a label must print as '$', not start mathtext
+    with matplotlib.rc_context({"text.parse_math": False}):
+        for head, counts in result["confusion"].items():
+            shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+            table = pd.DataFrame(shares, index=vocab[head], columns=vocab[head])
+            figure = confusion_heatmap(table, f"{head}: seen-speaker validation, epoch {epoch}")
+            writer.add_figure(f"confusion/seen_val/{head}", figure, epoch)
+
+
+def tensorboard_hparams(writer, cfg: Config, run_dir: Path, progress: dict) -> None:
+    """Every scalar setting beside the run's results, for TensorBoard's HPARAMS tab.
+
+    The results are the best epoch's validation accuracies (the weights predictions.csv comes from),
+    under ``hparam/`` so they never collide with the per-epoch scalars.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    settings = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (bool, int, float, str))}
+    best = (progress["best"] or {}).get("epoch") or progress["epoch"]
+    results = {f"hparam/{split}/{head}/acc": value
+               for epoch, split, head, metric, value in runfolder.read_metric_rows(run_dir / runfolder.METRICS)
+               if epoch == best and metric == "acc" and split != "train"}
+    results.update({"hparam/best_epoch": float(best), "hparam/epochs_trained": float(progress["epoch"])})
+    for summary in hparams(settings, results):
+        writer.file_writer.add_summary(summary, progress["epoch"])
+    for tag, value in results.items():
+        writer.add_scalar(tag, value, progress["epoch"])
+    writer.flush()
+
+
 # --- the run -------------------------------------------------------------------------------------------
 def train(cfg: Config) -> Path:
     """Train (or resume, or find finished) the run described by ``cfg``; return the run folder."""
@@ -765,6 +814,7 @@ def run_training(cfg: Config, env: Dist) -> Path:
             if env.main:
                 try:
                     write_outputs(run_dir, parts, data, cfg, env, progress)
+                    tensorboard_hparams(writer, cfg, run_dir, progress)
                 except OSError as err:
                     raise TrainingError(f"{err}. Training is complete and checkpointed; free space and re-run "
                                         f"the same command to write the predictions.") from err
@@ -813,6 +863,7 @@ def train_epochs(cfg: Config, env: Dist, data: RunData, parts: Parts, run_dir: P
         progress["early_stop"] = stop
         if env.main:
             state = checkpoint_state(epoch, parts, cfg, data, {k: progress[k] for k in ("best", "skipped_batches", "early_stop")})
+            tensorboard_confusion(writer, epoch, val, data.vocab)
             commit_epoch(run_dir, epoch, rows, writer, state, improved)
             log.info("%s", epoch_line(epoch, cfg.epochs, rows, data.heads, seconds))
         env.barrier()
