@@ -703,7 +703,19 @@ def commit_epoch(run_dir: Path, epoch: int, rows: list[tuple], writer, state: di
 
 # --- the run -------------------------------------------------------------------------------------------
 def train(cfg: Config) -> Path:
-    """Train (or resume, or find finished) the run described by ``cfg``; return the run folder."""
+    """Train (or resume, or find finished) the run described by ``cfg``; return the run folder.
+
+    With ``folds`` or ``seeds`` above 1 that is a pooled folder of K x N runs (experiment.py).
+    """
+    if cfg.folds > 1 or cfg.seeds > 1:
+        from voxlib.experiment import run_experiment
+
+        return run_experiment(cfg)
+    return train_run(cfg)
+
+
+def train_run(cfg: Config) -> Path:
+    """Train (or resume, or find finished) the one run folder ``cfg`` describes (a fold's member too)."""
     env = init_distributed(cfg)
     try:
         with speed_settings(cfg, env.device):
