@@ -174,3 +174,48 @@ def test_seen_accuracy_over_seeds_is_the_mean_with_its_spread(tmp_path):
     scores = pd.read_csv(root / runfolder.MEMBER_SCORES, keep_default_na=False)
     mine = scores[(scores["head"] == "birthplace") & (scores["group"] == "seen")]
     assert mine["accuracy"].tolist() == [1.0, 0.5] and mine["member"].tolist() == ["seed0", "seed1"]
+
+
+def test_reference_baselines_pool_every_fold_on_its_own_split(pooled):
+    from voxlib.baselines import pooled_reference_baselines, reference_baselines
+    from voxlib.evaluate import load_run
+
+    runs = [load_run(pooled / f"fold{k}") for k in range(FOLDS)]
+    table = pooled_reference_baselines(runs, encoder=False).table.set_index(["representation", "head", "split"])
+    each = pd.concat([reference_baselines(r, encoder=False).table for r in runs])
+    unseen = each[(each["head"] == "birthplace") & (each["split"] == "unseen")]
+    row = table.loc[("mfcc", "birthplace", "unseen")]
+    assert row["n"] == unseen["n"].sum() == 72  # every speaker unseen once: all 72 of their utterances
+    assert row["accuracy"] == pytest.approx((unseen["accuracy"] * unseen["n"]).sum() / 72)
+    assert ("mfcc", "speaker", "unseen") not in table.index
+
+
+def pooled_folder(root: Path, unseen: tuple[float, float]) -> runfolder.Pooled:
+    """A constructed 2-fold pooled folder: birthplace right on exactly unseen[k] of fold k's 30 unseen rows."""
+    cfg = Config(folds=2, run_dir=str(runfolder.claim(root)))
+    plan = experiment.members(cfg)
+    for k, accuracy in enumerate(unseen):
+        constructed_member(root, f"fold{k}", k, birthplace_unseen=accuracy, birthplace_seen=1.0)
+    runfolder.write_json(root, runfolder.EXPERIMENT, {"config": cfg.to_dict(),
+                                                      "members": [{"name": n, "fold": m.fold, "seed": m.seed}
+                                                                  for n, m in plan]})
+    experiment.pool(root, plan)
+    return runfolder.load_pooled(root)
+
+
+def test_the_verdict_uses_the_pooled_numbers_and_interval(tmp_path):
+    from voxlib.analysis import measures, verdict_from_measures
+
+    strong = pooled_folder(tmp_path / "strong", (0.8, 1.0))  # chance and majority are 1/3
+    m = measures(strong.member(0), pooled=strong, probe=False)
+    u = strong.summary["birthplace"]["unseen"]
+    assert (m["accuracy_unseen"], m["unseen_low"], m["unseen_high"]) == (u["accuracy"], u["low"], u["high"])
+    assert m["accuracy_unseen"] == pytest.approx(54 / 60) and m["speakers_unseen"] == 6 and m["n_unseen"] == 60
+    assert m["gap"] == pytest.approx(1.0 - 54 / 60)
+    lines = verdict_from_measures(m)
+    assert lines[0].startswith("unseen-speaker birthplace is pooled over 2 folds x 1 seed(s)")
+    assert f"[{u['low']:.0%}, {u['high']:.0%}]" in lines[0]
+    assert any("the whole interval is above majority" in line for line in lines)
+    weak = pooled_folder(tmp_path / "weak", (1 / 3, 0.4))
+    lines = verdict_from_measures(measures(weak.member(0), pooled=weak, probe=False))
+    assert any("little birthplace signal generalises" in line for line in lines)

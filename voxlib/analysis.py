@@ -531,8 +531,12 @@ def mean_gradient_share(run: Run) -> pd.Series:
 
 # --- summary numbers, verdict, report ---------------------------------------------------------------
 def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int = 5, probe: bool = True,
-             last_fraction: float = 0.2, probe_result: dict | None = None, confound=None) -> dict:
+             last_fraction: float = 0.2, probe_result: dict | None = None, confound=None, pooled=None) -> dict:
     """Every headline number of the investigation as one flat dict (NaN / None where unavailable).
+
+    ``pooled``: a ``runfolder.Pooled`` experiment whose member ``run`` is; the seen and unseen accuracy,
+    majority, sizes and standard errors then come from the pooled numbers (every eligible speaker
+    unseen once, seen accuracy averaged over seeds), with the interval as ``unseen_low``/``unseen_high``.
 
     ``probe_result``: an already fitted ``linear_probe`` result, so a report does not fit it twice.
     ``confound``: a ``conditions.confound_check`` result for this run's corpus (it reads the audio, so
@@ -585,11 +589,33 @@ def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int 
     val_trend = loss_trend(run, head, "unseen_val", last_fraction)
     out |= {"loss_relative_change": train_trend["relative_change"], "loss_window": train_trend["window"],
             "unseen_val_loss_relative_change": val_trend["relative_change"]}
+    if pooled is not None and head in pooled.summary and "low" in pooled.summary[head].get("unseen", {}):
+        out |= _pooled_keys(pooled, head, per_seen)
     share = mean_gradient_share(run)
     out["n_heads"] = len(run.heads)
     out["gradient_share"] = float(share.get(head, nan))
     out["gradient_share_speaker"] = float(share.get("speaker", nan))
     return out
+
+
+def _pooled_keys(pooled, head: str, per_seen: pd.Series) -> dict:
+    """The measures a folds/seeds experiment replaces: pooled unseen, seen over seeds, their errors."""
+    entry = pooled.summary[head]
+    seen, unseen = entry["seen"], entry["unseen"]
+    rows = pooled.predictions[pooled.predictions[f"{head}_true"] != ""]
+    per_speaker = (rows[f"{head}_true"] == rows[f"{head}_pred"]).groupby(rows["speaker"]).mean()
+    se_unseen = clustered_se(per_speaker)
+    nan = float("nan")
+    return {"pooled": True, "folds": int(pooled.experiment["config"]["folds"]),
+            "seeds": int(pooled.experiment["config"]["seeds"]),
+            "accuracy_seen": seen["accuracy"], "majority_seen": seen["majority"], "n_seen": seen["n"],
+            "seen_std": seen["std"] if seen["std"] is not None else nan,
+            "accuracy_unseen": unseen["accuracy"], "majority_unseen": unseen["majority"], "n_unseen": unseen["n"],
+            "unseen_low": unseen["low"], "unseen_high": unseen["high"], "unseen_level": unseen["level"],
+            "fold_std": unseen["fold_std"] if unseen["fold_std"] is not None else nan,
+            "speakers_unseen": unseen["speakers"], "se_unseen": se_unseen,
+            "gap": seen["accuracy"] - unseen["accuracy"],
+            "gap_se": float(np.hypot(clustered_se(per_seen), se_unseen))}
 
 
 def _pct(x: float) -> str:
@@ -622,6 +648,15 @@ def verdict_from_measures(m: dict) -> list[str]:
                      f"{_pct(m['confound_chance'])} for the majority class (most tied: {m['confound_strongest']}); "
                      f"what the model learned about {head} may be the recording set-up, so read what follows with "
                      "that confound in mind")
+    if m.get("pooled"):
+        seen_spread = (f" ± {_pct(m['seen_std'])} over {m['seeds']} seeds" if m["seeds"] > 1 and
+                       not math.isnan(m["seen_std"]) else "")
+        fold_spread = f", per-fold spread ±{_pct(m['fold_std'])}" if not math.isnan(m["fold_std"]) else ""
+        lines.append(f"unseen-speaker {head} is pooled over {m['folds']} folds x {m['seeds']} seed(s), every "
+                     f"eligible speaker unseen once: {_pct(m['accuracy_unseen'])} [{_pct(m['unseen_low'])}, "
+                     f"{_pct(m['unseen_high'])}] ({m['unseen_level']:.0%} interval resampled over "
+                     f"{m['speakers_unseen']} speakers{fold_spread}); seen speakers "
+                     f"{_pct(m['accuracy_seen'])}{seen_spread}")
     if m.get("too_few_for_unseen"):
         lines.append(f"{len(m['too_few_for_unseen'])} {head} class(es) have fewer than {m['unseen_min_speakers']} "
                      f"speakers and are never among the unseen speakers, so the unseen-speaker numbers say nothing "
@@ -661,9 +696,17 @@ def verdict_from_measures(m: dict) -> list[str]:
     if ok("accuracy_unseen", "majority_unseen"):
         u = m["accuracy_unseen"]
         name, base = max(("majority", m["majority_unseen"]), ("chance", m["chance"]), key=lambda nb: nb[1])
+        interval = f" [{_pct(m['unseen_low'])}, {_pct(m['unseen_high'])}]" if m.get("pooled") else ""
         if u - base < SIGNAL_MARGIN:
             causes += 1
-            lines.append(f"on unseen speakers {_pct(u)} vs {name} {_pct(base)}: little {head} signal generalises")
+            lines.append(f"on unseen speakers {_pct(u)}{interval} vs {name} {_pct(base)}: little {head} signal "
+                         "generalises")
+        elif m.get("pooled") and m["unseen_low"] > base:
+            lines.append(f"on unseen speakers {_pct(u)}{interval} vs {name} {_pct(base)}: the whole interval is "
+                         f"above {name}, so some {head} signal generalises to new speakers")
+        elif m.get("pooled"):
+            lines.append(f"on unseen speakers {_pct(u)}{interval} vs {name} {_pct(base)}, but the interval "
+                         f"reaches {name}: the evidence is mixed")
         elif _beyond_noise(u - base, m.get("se_unseen")):
             lines.append(f"on unseen speakers {_pct(u)} vs {name} {_pct(base)}: some {head} signal generalises "
                          "to new speakers")
