@@ -219,3 +219,15 @@ def test_the_verdict_uses_the_pooled_numbers_and_interval(tmp_path):
     weak = pooled_folder(tmp_path / "weak", (1 / 3, 0.4))
     lines = verdict_from_measures(measures(weak.member(0), pooled=weak, probe=False))
     assert any("little birthplace signal generalises" in line for line in lines)
+
+
+def test_a_single_run_is_refused_in_a_pooled_folder_and_defaults_never_share_a_folder(tiny_corpus, tmp_path):
+    from voxlib.train import TrainingError, train_run
+
+    assert runfolder.default_run_dir(Config(folds=3)).name == runfolder.default_run_dir(Config()).name + "-folds3"
+    assert runfolder.default_run_dir(Config(folds=2, seeds=2)).name.endswith("-folds2-seeds2")
+    folder = runfolder.claim(tmp_path / "pooled")
+    runfolder.write_json(folder, runfolder.EXPERIMENT, {"config": Config(folds=2).to_dict(), "members": []})
+    with pytest.raises(TrainingError, match="is a pooled folder"):
+        train_run(Config(manifest=str(tiny_corpus), cache_dir=str(tmp_path / "cache"), run_dir=str(folder)))
+    assert not (folder / runfolder.CONFIG).exists()

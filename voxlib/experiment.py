@@ -20,6 +20,7 @@ trainings.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -58,19 +59,19 @@ def run_experiment(cfg: Config) -> Path:
     root = pooled_dir(cfg)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank trains, rank 0 writes
     plan = members(cfg)
-    if main:
-        with runfolder.writing(root, "pooled folder"):
+    # the pooled folder's lock is held throughout (one experiment per folder); each member has its own
+    with runfolder.writing(root, "pooled folder") if main else contextlib.nullcontext(root):
+        if main:
             check_pooled_folder(root, cfg)
             (root / runfolder.POOLED).unlink(missing_ok=True)  # complete again only once pooled below
             runfolder.write_json(root, runfolder.EXPERIMENT, {
                 "config": cfg.to_dict(), "members": [{"name": n, "fold": m.fold, "seed": m.seed} for n, m in plan]})
-    for i, (name, member) in enumerate(plan, 1):
-        log.info("member %d of %d: %s (fold %d of %d, seed %d)", i, len(plan), name, member.fold + 1, cfg.folds,
-                 member.seed)
-        train_run(member)
-    if main:
-        with runfolder.writing(root, "pooled folder"):
-            pool(root, [(name, member) for name, member in plan])
+        for i, (name, member) in enumerate(plan, 1):
+            log.info("member %d of %d: %s (fold %d of %d, seed %d)", i, len(plan), name, member.fold + 1,
+                     cfg.folds, member.seed)
+            train_run(member)
+        if main:
+            pool(root, plan)
     return root
 
 

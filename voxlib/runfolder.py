@@ -76,8 +76,10 @@ class FolderError(RuntimeError):
 
 
 def default_run_dir(cfg: Config) -> Path:
-    """The run folder used when ``run_dir`` is "": ``outputs/runs/<corpus name>``."""
-    return outputs_dir() / "runs" / corpus_name(cfg)
+    """The run folder used when ``run_dir`` is "": ``outputs/runs/<corpus name>``, with ``-folds<K>``
+    and ``-seeds<N>`` appended for a pooled folder (so a single run and an experiment never share one)."""
+    suffix = (f"-folds{cfg.folds}" if cfg.folds > 1 else "") + (f"-seeds{cfg.seeds}" if cfg.seeds > 1 else "")
+    return outputs_dir() / "runs" / (corpus_name(cfg) + suffix)
 
 
 def member_name(fold: int, seed: int, folds: int, seeds: int) -> str:

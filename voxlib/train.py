@@ -732,6 +732,8 @@ def run_training(cfg: Config, env: Dist) -> Path:
         log.info("%s", note)
     data = load_run_data(cfg, in_turn=env.in_turn, progress=env.main)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else runfolder.default_run_dir(cfg)
+    if runfolder.is_pooled(run_dir):
+        raise TrainingError(f"{run_dir} is a pooled folder (folds/seeds); give its folds and seeds, or a new --run-dir")
     owner = runfolder.writing(run_dir) if env.main else contextlib.nullcontext(run_dir)
     with owner:
         last = run_dir / runfolder.CHECKPOINTS / runfolder.LAST
