@@ -231,3 +231,13 @@ def test_a_single_run_is_refused_in_a_pooled_folder_and_defaults_never_share_a_f
     with pytest.raises(TrainingError, match="is a pooled folder"):
         train_run(Config(manifest=str(tiny_corpus), cache_dir=str(tmp_path / "cache"), run_dir=str(folder)))
     assert not (folder / runfolder.CONFIG).exists()
+
+
+def test_folds_are_refused_for_a_manifest_with_its_own_splits(tiny_corpus, tmp_path):
+    table = pd.read_csv(tiny_corpus)
+    manifest = tmp_path / "manifest.csv"
+    table.assign(path=[str(tiny_corpus.parent / p) for p in table["path"]], split="train").to_csv(manifest, index=False)
+    with pytest.raises(ConfigError, match="assigns its own splits"):
+        train(Config(manifest=str(manifest), folds=2, run_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+    experiment.refuse_fixed_splits(Config(manifest=str(tiny_corpus), folds=2))  # no split column: fine

@@ -56,6 +56,7 @@ def run_experiment(cfg: Config) -> Path:
 
     if cfg.folds == 1 and cfg.seeds == 1:
         return train_run(cfg)
+    refuse_fixed_splits(cfg)
     root = pooled_dir(cfg)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank trains, rank 0 writes
     plan = members(cfg)
@@ -73,6 +74,17 @@ def run_experiment(cfg: Config) -> Path:
         if main:
             pool(root, plan)
     return root
+
+
+def refuse_fixed_splits(cfg: Config) -> None:
+    """folds > 1 needs vox to choose the unseen speakers: a manifest's own ``split`` column fixes them."""
+    if cfg.folds == 1 or not cfg.manifest:
+        return
+    frame = pd.read_csv(cfg.manifest, usecols=lambda c: c.strip() == "split", dtype=str, keep_default_na=False,
+                        encoding="utf-8-sig")
+    if len(frame.columns) and frame.iloc[:, 0].str.strip().ne("").any():
+        raise ConfigError(f"parameter 'folds': {cfg.manifest} assigns its own splits (a 'split' column), so every "
+                          f"fold would hold out the same speakers; use folds=1, or clear the split column")
 
 
 def check_pooled_folder(root: Path, cfg: Config) -> None:
