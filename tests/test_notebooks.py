@@ -130,6 +130,28 @@ def test_headline_numbers_cover_every_head_on_both_test_sets(chain):
     assert ((table["accuracy"] >= 0) & (table["accuracy"] <= 1)).all()
 
 
+def test_a_pooled_folder_is_reported_pooled_with_its_interval(tiny_corpus, tmp_path, monkeypatch):
+    """folds=2 through report.py: 02 trains both folds, 03 and index.html report the pooled numbers."""
+    import json
+
+    monkeypatch.setenv("VOX_OUTPUTS", str(tmp_path / "outputs"))
+    report = run_report(str(tiny_corpus), str(tmp_path / "run"), dict(FAST, epochs=1, folds=2,
+                                                                    cache_dir=str(tmp_path / "cache")), progress=False)
+    assert report.ok, [s.error for s in report.stages]
+    assert (report.run_dir / "fold0" / "summary.json").is_file() and (report.run_dir / "fold1" / "summary.json").is_file()
+    unseen = json.loads((report.run_dir / "pooled.json").read_text())["birthplace"]["unseen"]
+    stated = f"{unseen['accuracy']:.1%} [{unseen['low']:.1%}, {unseen['high']:.1%}]"
+    index = report.index.read_text()
+    assert "Pooled over 2 speaker fold(s) x 1 training seed(s)" in index
+    assert stated in index.replace("<b>", "").replace("</b>", "")
+    assert "pooled over 2 folds x 1 seed(s)" in index  # the verdict, copied from notebook 03
+    page = (report.run_dir / "reports" / "03_birthplace.html").read_text()
+    assert "Pooled over folds and seeds" in page and "unseen_low" in page
+    assert "pooled over 2 runs, each fitted on its own split" in page  # the reference baselines
+    assert f"{round(unseen['accuracy'] * 100):.0f}% [{round(unseen['low'] * 100):.0f}%" in page
+    assert "fold0" in (report.run_dir / "reports" / "02_train.html").read_text()
+
+
 # --- failures -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("params, message", [
     ({"batch_sise": 4}, "unknown parameter(s) ['batch_sise']"),

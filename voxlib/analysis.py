@@ -163,15 +163,105 @@ def pooled_over_folds(predictions: pd.DataFrame, head: str = "birthplace", n_boo
     if predictions.empty:
         raise ValueError(f"no unseen-speaker {head} predictions to pool")
     correct = (predictions[f"{head}_true"] == predictions[f"{head}_pred"]).astype(float)
-    per_speaker = correct.groupby(predictions["speaker"]).agg(["sum", "count"])
+    low, high = _speaker_interval(correct, predictions["speaker"], n_boot, level, seed)
+    by_fold = correct.groupby(predictions["fold"]).mean()
+    return {"accuracy": float(correct.mean()), "low": low, "high": high, "level": level,
+            "n": len(correct), "speakers": int(predictions["speaker"].nunique()), "folds": len(by_fold),
+            "fold_accuracy": {int(f): float(a) for f, a in by_fold.items()},
+            "fold_std": float(by_fold.std(ddof=1)) if len(by_fold) > 1 else float("nan")}
+
+
+def _speaker_interval(correct: pd.Series, speaker: pd.Series, n_boot: int, level: float,
+                      seed: int) -> tuple[float, float]:
+    """Percentile bootstrap of the pooled accuracy, drawing whole speakers (with all their rows)."""
+    per_speaker = correct.groupby(speaker).agg(["sum", "count"])
     draws = np.random.default_rng(seed).integers(0, len(per_speaker), size=(n_boot, len(per_speaker)))
     hits, counts = per_speaker["sum"].to_numpy()[draws].sum(1), per_speaker["count"].to_numpy()[draws].sum(1)
     low, high = np.quantile(hits / counts, [(1 - level) / 2, (1 + level) / 2])
-    by_fold = correct.groupby(predictions["fold"]).mean()
-    return {"accuracy": float(correct.mean()), "low": float(low), "high": float(high), "level": level,
-            "n": len(correct), "speakers": len(per_speaker), "folds": len(by_fold),
-            "fold_accuracy": {int(f): float(a) for f, a in by_fold.items()},
-            "fold_std": float(by_fold.std(ddof=1)) if len(by_fold) > 1 else float("nan")}
+    return float(low), float(high)
+
+
+def pooled_over_seeds(predictions: pd.DataFrame, head: str = "birthplace", n_boot: int = 2000,
+                      level: float = 0.95, seed: int = 0) -> dict:
+    """:func:`pooled_over_folds` for every training seed of a pooled folder, combined.
+
+    ``predictions`` has a ``seed`` column besides ``fold``; within each seed every speaker is unseen in
+    one fold (the seed also deals the folds, so a speaker's fold may differ between seeds). The
+    accuracy counts every row of every seed; the interval draws whole speakers with their rows of
+    every seed; ``members`` lists each (seed, fold) run's accuracy and ``fold_std`` their spread;
+    ``seed_accuracy`` is each seed's pooled accuracy and ``seed_std`` their spread.
+    """
+    if predictions.empty:
+        raise ValueError(f"no unseen-speaker {head} predictions to pool")
+    per_seed = {int(s): pooled_over_folds(group, head, n_boot, level, seed)
+                for s, group in predictions.groupby("seed", sort=True)}
+    correct = (predictions[f"{head}_true"] == predictions[f"{head}_pred"]).astype(float)
+    low, high = _speaker_interval(correct, predictions["speaker"], n_boot, level, seed)
+    members = [{"seed": s, "fold": f, "accuracy": a} for s, r in per_seed.items() for f, a in r["fold_accuracy"].items()]
+    spread = pd.Series([m["accuracy"] for m in members])
+    seed_accuracy = pd.Series({s: r["accuracy"] for s, r in per_seed.items()})
+    return {"accuracy": float(correct.mean()), "low": low, "high": high, "level": level, "n": len(correct),
+            "speakers": int(predictions["speaker"].nunique()), "folds": max(r["folds"] for r in per_seed.values()),
+            "seeds": len(per_seed), "members": members,
+            "fold_std": float(spread.std(ddof=1)) if len(spread) > 1 else float("nan"),
+            "seed_accuracy": {s: float(a) for s, a in seed_accuracy.items()},
+            "seed_std": float(seed_accuracy.std(ddof=1)) if len(seed_accuracy) > 1 else float("nan")}
+
+
+def pooled_summary(member_scores: pd.DataFrame, predictions: pd.DataFrame, heads: Sequence[str],
+                   n_boot: int = 2000, level: float = 0.95) -> dict:
+    """Per head, the pooled numbers of a folds/seeds experiment (what ``pooled.json`` holds).
+
+    ``unseen``: :func:`pooled_over_seeds` of the pooled unseen-speaker rows, with the majority baseline
+    pooled the same way (each member's own training majority class, counted over its rows).
+    ``seen``: per seed, the accuracy over every member's seen-speaker rows (the folds of that seed
+    together); ``accuracy`` is the mean over seeds and ``std`` their spread (None for one seed).
+    """
+    def plain(value):
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    out: dict = {}
+    for head in heads:
+        mine = member_scores[member_scores["head"] == head]
+        entry: dict = {"chance": float(mine["chance"].iloc[0]) if len(mine) else None}
+        for group in GROUPS:
+            rows = mine[mine["group"] == group]
+            if rows.empty:
+                continue
+            weighted = rows.assign(hits=rows["n"] * rows["accuracy"], base=rows["n"] * rows["majority"])
+            per_seed = weighted.groupby("seed")[["hits", "base", "n"]].sum()
+            accuracy, majority = per_seed["hits"] / per_seed["n"], per_seed["base"] / per_seed["n"]
+            entry[group] = {"accuracy": float(accuracy.mean()), "majority": float(majority.mean()),
+                            "n": int(per_seed["n"].sum()), "seeds": len(per_seed),
+                            "std": plain(float(accuracy.std(ddof=1))) if len(per_seed) > 1 else None,
+                            "per_seed": {str(int(s)): float(a) for s, a in accuracy.items()}}
+        scored_rows = predictions[predictions.get(f"{head}_true", pd.Series("", index=predictions.index)) != ""]
+        if "unseen" in entry and len(scored_rows):
+            pooled = pooled_over_seeds(scored_rows, head, n_boot, level)
+            pooled["seed_accuracy"] = {str(s): a for s, a in pooled["seed_accuracy"].items()}
+            entry["unseen"] |= {k: plain(v) for k, v in pooled.items()}
+        out[head] = entry
+    return out
+
+
+def pooled_table(summary: dict) -> pd.DataFrame:
+    """The pooled headline per head: seen (mean and spread over seeds) and unseen (pooled, interval)."""
+    records = []
+    for head, entry in summary.items():
+        seen, unseen = entry.get("seen", {}), entry.get("unseen", {})
+        records.append({"head": head, "seen": seen.get("accuracy"), "seen_std_over_seeds": seen.get("std"),
+                        "seen_majority": seen.get("majority"), "unseen": unseen.get("accuracy"),
+                        "unseen_low": unseen.get("low"), "unseen_high": unseen.get("high"),
+                        "fold_std": unseen.get("fold_std"), "unseen_majority": unseen.get("majority"),
+                        "chance": entry.get("chance"), "unseen_speakers": unseen.get("speakers"),
+                        "unseen_n": unseen.get("n")})
+    return pd.DataFrame(records)
+
+
+def member_table(summary: dict, head: str = "birthplace") -> pd.DataFrame:
+    """Each member run's unseen-speaker accuracy for ``head`` (the per-fold spread, seed by seed)."""
+    unseen = summary.get(head, {}).get("unseen", {})
+    return pd.DataFrame(unseen.get("members", []), columns=["seed", "fold", "accuracy"])
 
 
 # --- 2. seen vs unseen speakers ---------------------------------------------------------------------
@@ -441,8 +531,12 @@ def mean_gradient_share(run: Run) -> pd.Series:
 
 # --- summary numbers, verdict, report ---------------------------------------------------------------
 def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int = 5, probe: bool = True,
-             last_fraction: float = 0.2, probe_result: dict | None = None, confound=None) -> dict:
+             last_fraction: float = 0.2, probe_result: dict | None = None, confound=None, pooled=None) -> dict:
     """Every headline number of the investigation as one flat dict (NaN / None where unavailable).
+
+    ``pooled``: a ``runfolder.Pooled`` experiment whose member ``run`` is; the seen and unseen accuracy,
+    majority, sizes and standard errors then come from the pooled numbers (every eligible speaker
+    unseen once, seen accuracy averaged over seeds), with the interval as ``unseen_low``/``unseen_high``.
 
     ``probe_result``: an already fitted ``linear_probe`` result, so a report does not fit it twice.
     ``confound``: a ``conditions.confound_check`` result for this run's corpus (it reads the audio, so
@@ -495,11 +589,33 @@ def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int 
     val_trend = loss_trend(run, head, "unseen_val", last_fraction)
     out |= {"loss_relative_change": train_trend["relative_change"], "loss_window": train_trend["window"],
             "unseen_val_loss_relative_change": val_trend["relative_change"]}
+    if pooled is not None and head in pooled.summary and "low" in pooled.summary[head].get("unseen", {}):
+        out |= _pooled_keys(pooled, head, per_seen)
     share = mean_gradient_share(run)
     out["n_heads"] = len(run.heads)
     out["gradient_share"] = float(share.get(head, nan))
     out["gradient_share_speaker"] = float(share.get("speaker", nan))
     return out
+
+
+def _pooled_keys(pooled, head: str, per_seen: pd.Series) -> dict:
+    """The measures a folds/seeds experiment replaces: pooled unseen, seen over seeds, their errors."""
+    entry = pooled.summary[head]
+    seen, unseen = entry["seen"], entry["unseen"]
+    rows = pooled.predictions[pooled.predictions[f"{head}_true"] != ""]
+    per_speaker = (rows[f"{head}_true"] == rows[f"{head}_pred"]).groupby(rows["speaker"]).mean()
+    se_unseen = clustered_se(per_speaker)
+    nan = float("nan")
+    return {"pooled": True, "folds": int(pooled.experiment["config"]["folds"]),
+            "seeds": int(pooled.experiment["config"]["seeds"]),
+            "accuracy_seen": seen["accuracy"], "majority_seen": seen["majority"], "n_seen": seen["n"],
+            "seen_std": seen["std"] if seen["std"] is not None else nan,
+            "accuracy_unseen": unseen["accuracy"], "majority_unseen": unseen["majority"], "n_unseen": unseen["n"],
+            "unseen_low": unseen["low"], "unseen_high": unseen["high"], "unseen_level": unseen["level"],
+            "fold_std": unseen["fold_std"] if unseen["fold_std"] is not None else nan,
+            "speakers_unseen": unseen["speakers"], "se_unseen": se_unseen,
+            "gap": seen["accuracy"] - unseen["accuracy"],
+            "gap_se": float(np.hypot(clustered_se(per_seen), se_unseen))}
 
 
 def _pct(x: float) -> str:
@@ -532,6 +648,15 @@ def verdict_from_measures(m: dict) -> list[str]:
                      f"{_pct(m['confound_chance'])} for the majority class (most tied: {m['confound_strongest']}); "
                      f"what the model learned about {head} may be the recording set-up, so read what follows with "
                      "that confound in mind")
+    if m.get("pooled"):
+        seen_spread = (f" ± {_pct(m['seen_std'])} over {m['seeds']} seeds" if m["seeds"] > 1 and
+                       not math.isnan(m["seen_std"]) else "")
+        fold_spread = f", per-fold spread ±{_pct(m['fold_std'])}" if not math.isnan(m["fold_std"]) else ""
+        lines.append(f"unseen-speaker {head} is pooled over {m['folds']} folds x {m['seeds']} seed(s), every "
+                     f"eligible speaker unseen once: {_pct(m['accuracy_unseen'])} [{_pct(m['unseen_low'])}, "
+                     f"{_pct(m['unseen_high'])}] ({m['unseen_level']:.0%} interval resampled over "
+                     f"{m['speakers_unseen']} speakers{fold_spread}); seen speakers "
+                     f"{_pct(m['accuracy_seen'])}{seen_spread}")
     if m.get("too_few_for_unseen"):
         lines.append(f"{len(m['too_few_for_unseen'])} {head} class(es) have fewer than {m['unseen_min_speakers']} "
                      f"speakers and are never among the unseen speakers, so the unseen-speaker numbers say nothing "
@@ -571,9 +696,17 @@ def verdict_from_measures(m: dict) -> list[str]:
     if ok("accuracy_unseen", "majority_unseen"):
         u = m["accuracy_unseen"]
         name, base = max(("majority", m["majority_unseen"]), ("chance", m["chance"]), key=lambda nb: nb[1])
+        interval = f" [{_pct(m['unseen_low'])}, {_pct(m['unseen_high'])}]" if m.get("pooled") else ""
         if u - base < SIGNAL_MARGIN:
             causes += 1
-            lines.append(f"on unseen speakers {_pct(u)} vs {name} {_pct(base)}: little {head} signal generalises")
+            lines.append(f"on unseen speakers {_pct(u)}{interval} vs {name} {_pct(base)}: little {head} signal "
+                         "generalises")
+        elif m.get("pooled") and m["unseen_low"] > base:
+            lines.append(f"on unseen speakers {_pct(u)}{interval} vs {name} {_pct(base)}: the whole interval is "
+                         f"above {name}, so some {head} signal generalises to new speakers")
+        elif m.get("pooled"):
+            lines.append(f"on unseen speakers {_pct(u)}{interval} vs {name} {_pct(base)}, but the interval "
+                         f"reaches {name}: the evidence is mixed")
         elif _beyond_noise(u - base, m.get("se_unseen")):
             lines.append(f"on unseen speakers {_pct(u)} vs {name} {_pct(base)}: some {head} signal generalises "
                          "to new speakers")

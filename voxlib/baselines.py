@@ -108,9 +108,31 @@ def reference_baselines(run: Run | str | Path, encoder: bool = True, progress: b
                         C: float = 1.0) -> ReferenceBaselines:
     """Logistic regression per head and representation, trained on the run's train rows."""
     run = run if isinstance(run, Run) else load_run(run)
+    features, notes = _features_of(run, encoder, progress)
+    return ReferenceBaselines(_scores(run, features, C), notes)
+
+
+def pooled_reference_baselines(runs: list[Run], encoder: bool = True, progress: bool = False,
+                               C: float = 1.0) -> ReferenceBaselines:
+    """The same over the member runs of a folds/seeds experiment: fitted on each member's own split
+    and pooled by counting, so ``unseen`` scores every eligible speaker once per seed (as the
+    discriminator's pooled number does) and ``seen`` every member's seen-speaker rows. The audio
+    features are computed once: every member's splits.csv lists the same rows."""
+    features, notes = _features_of(runs[0], encoder, progress)
+    table = pd.concat([_scores(run, features, C) for run in runs], ignore_index=True)
+    table = table.assign(hits=table["accuracy"] * table["n"], base=table["majority"] * table["n"])
+    pooled = table.groupby(["representation", "head", "split"], sort=False)[["n", "hits", "base"]].sum().reset_index()
+    pooled["accuracy"], pooled["majority"] = pooled["hits"] / pooled["n"], pooled["base"] / pooled["n"]
+    return ReferenceBaselines(pooled[COLUMNS], notes + [f"pooled over {len(runs)} runs, each fitted on its own split"])
+
+
+def _features_of(run: Run, encoder: bool, progress: bool) -> tuple[dict[str, np.ndarray], list[str]]:
     if "path" not in run.splits.columns:
         raise ValueError(f"{run.path / 'splits.csv'}: no 'path' column, so the audio cannot be found")
-    features, notes = utterance_features(run, encoder, progress)
+    return utterance_features(run, encoder, progress)
+
+
+def _scores(run: Run, features: dict[str, np.ndarray], C: float) -> pd.DataFrame:
     split = run.splits["split"].to_numpy()
     records = []
     for name, x in features.items():
@@ -131,4 +153,4 @@ def reference_baselines(run: Run | str | Path, encoder: bool = True, progress: b
                 records.append({"representation": name, "head": head, "split": group, "n": int(scored.sum()),
                                 "accuracy": float((guess == y[scored]).mean()),
                                 "majority": float((y[scored] == majority).mean())})
-    return ReferenceBaselines(pd.DataFrame(records, columns=COLUMNS), notes)
+    return pd.DataFrame(records, columns=COLUMNS)

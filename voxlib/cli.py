@@ -313,13 +313,42 @@ def log_to(stream: Any = None, level: int = 20) -> None:
 
 
 # --- end of training -----------------------------------------------------------------------------
+def pooled_summary_lines(run_dir: Path) -> str:
+    """training_summary of a pooled folder: per head, seen over seeds and unseen pooled over folds."""
+    from voxlib.runfolder import load_pooled
+
+    pooled = load_pooled(run_dir)
+    config = pooled.experiment["config"]
+    lines = [f"pooled folder {run_dir}: {len(pooled.members)} runs (folds={config['folds']}, "
+             f"seeds={config['seeds']})"]
+    for head, entry in pooled.summary.items():
+        parts = []
+        if "seen" in entry:
+            seen = entry["seen"]
+            spread = f" ± {seen['std']:.1%} over seeds" if seen.get("std") is not None else ""
+            parts.append(f"seen {seen['accuracy']:.1%}{spread} (majority {seen['majority']:.1%})")
+        if "unseen" in entry and "low" in entry["unseen"]:
+            u = entry["unseen"]
+            parts.append(f"unseen {u['accuracy']:.1%} [{u['low']:.1%}, {u['high']:.1%}] over {u['speakers']} "
+                         f"speakers (majority {u['majority']:.1%})")
+        lines.append(f"  {head:<12} " + "; ".join(parts))
+    index = run_dir / "reports" / "index.html"
+    lines.append(f"report: {index}" if index.is_file()
+                 else f"report: python -m voxlib.report --run-dir {run_dir} --folds {config['folds']} "
+                      f"--seeds {config['seeds']}  (notebooks 01-03 as HTML)")
+    return "\n".join(lines)
+
+
 def training_summary(run_dir: str | Path) -> str:
     """A few lines for the end of training: best epoch, test accuracy per head beside the majority
     baseline, where the report is (or how to make it)."""
     import json
 
     from voxlib.evaluate import accuracy_table, load_run
+    from voxlib.runfolder import is_pooled
 
+    if is_pooled(run_dir):
+        return pooled_summary_lines(Path(run_dir))
     run = load_run(run_dir)
     summary_path = run.path / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}

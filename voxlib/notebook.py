@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from voxlib.config import Config, ConfigError, project_root
-from voxlib.runfolder import default_run_dir
+from voxlib.runfolder import POOLED, PREDICTIONS, default_run_dir
 from voxlib.text import markdown
 
 PATH_FIELDS = ("manifest", "run_dir", "compare_run_dir", "cache_dir")  # str fields naming files/folders
@@ -36,7 +36,8 @@ def prepare(cfg: Config, need: str = "manifest") -> Config:
     """Check what a notebook needs before any slow cell runs; return the Config with paths resolved.
 
     ``need="manifest"``: the manifest must exist; "" builds the demo corpus first (slow once).
-    ``need="run"``: the run folder (and ``compare_run_dir`` if given) must hold a finished run.
+    ``need="run"``: the run folder (and ``compare_run_dir`` if given) must hold a finished run, or a
+    finished pooled folder (folds or seeds) for ``run_dir``.
     """
     warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
     cfg = resolve_paths(cfg)
@@ -52,7 +53,8 @@ def prepare(cfg: Config, need: str = "manifest") -> Config:
             cfg = dataclasses.replace(cfg, run_dir=str(default_run_dir(cfg)))
         for name in ("run_dir", "compare_run_dir"):
             folder = getattr(cfg, name)
-            if folder and not (Path(folder) / "predictions.csv").is_file():
+            pooled = name == "run_dir" and (Path(folder) / POOLED).is_file()
+            if folder and not ((Path(folder) / PREDICTIONS).is_file() or pooled):
                 raise ConfigError(
                     f"parameter {name!r}: {folder} holds no finished run (no predictions.csv); "
                     "train first (notebook 02 or python -m voxlib.train)"

@@ -33,7 +33,8 @@ SHARE_COLUMNS = frozenset({
     "accuracy", "top3", "balanced_accuracy", "chance", "majority", "through_speaker", "agreement", "seen", "unseen",
     "gap", "gap_se", "seen_majority", "unseen_majority", "recall_seen", "recall_unseen", "precision", "recall", "f1",
     "rate", "share", "probe_accuracy", "probe_balanced_accuracy", "head_accuracy", "difference_se",
-    "low", "high"})  # low, high: a confidence interval of an accuracy
+    "low", "high",  # low, high: a confidence interval of an accuracy
+    "unseen_low", "unseen_high", "fold_std", "seen_std_over_seeds"})
 PERCENT = "{:.1%}"
 
 

@@ -278,14 +278,23 @@ def headline(run_dir: Path) -> "pd.DataFrame | None":
 
 
 def training_seconds(run_dir: Path) -> float | None:
-    """Wall time the trainer logged (sum of the per-epoch ``seconds`` rows of metrics.csv)."""
+    """Wall time the trainer logged (sum of the per-epoch ``seconds`` rows of metrics.csv; of every
+    member's for a pooled folder)."""
     import pandas as pd
 
-    path = Path(run_dir) / "metrics.csv"
-    if not path.exists():
+    paths = [m / runfolder.METRICS for m in _members(run_dir)] or [Path(run_dir) / runfolder.METRICS]
+    paths = [p for p in paths if p.exists()]
+    if not paths:
         return None
-    metrics = pd.read_csv(path)
+    metrics = pd.concat([pd.read_csv(p) for p in paths])
     return float(metrics.loc[metrics["metric"] == "seconds", "value"].sum())
+
+
+def _members(run_dir: Path) -> list[Path]:
+    """The member run folders of a pooled folder (none for a single run)."""
+    if not runfolder.is_pooled(run_dir):
+        return []
+    return [Path(run_dir) / m["name"] for m in runfolder.read_json(Path(run_dir) / runfolder.EXPERIMENT)["members"]]
 
 
 def write_index(report: Report, values: dict[str, Any]) -> Path:
@@ -330,6 +339,8 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 def headline_html(report: Report) -> str:
     """The headline table; every label string (majority class names) is HTML-escaped."""
     esc = html.escape
+    if runfolder.is_pooled(report.run_dir):
+        return pooled_headline_html(report)
     try:
         table = headline(report.run_dir)
     except Exception as err:  # a half-written run must not hide the notebook errors above it
@@ -356,6 +367,47 @@ def headline_html(report: Report) -> str:
     )
 
 
+def pooled_headline_html(report: Report) -> str:
+    """The headline of a pooled folder: seen over seeds, unseen pooled over folds with its interval."""
+    from voxlib.analysis import pooled_table
+
+    esc = html.escape
+    try:
+        pooled = runfolder.load_pooled(report.run_dir)
+    except Exception as err:  # unfinished: the notebook errors above say why
+        return f"<h2>Headline numbers</h2><p class='error'>cannot read the pooled results: {esc(str(err))}</p>"
+    config = pooled.experiment["config"]
+
+    def pct(value) -> str:
+        return "" if value is None or value != value else f"{value:.1%}"
+
+    rows = []
+    for r in pooled_table(pooled.summary).itertuples(index=False):
+        spread = f" ± {pct(r.seen_std_over_seeds)}" if r.seen_std_over_seeds is not None and \
+            r.seen_std_over_seeds == r.seen_std_over_seeds else ""
+        unseen = (f"<b>{pct(r.unseen)}</b> [{pct(r.unseen_low)}, {pct(r.unseen_high)}]"
+                  if r.unseen_low is not None and r.unseen_low == r.unseen_low else "")
+        speakers = "" if r.unseen_speakers is None or r.unseen_speakers != r.unseen_speakers else int(r.unseen_speakers)
+        rows.append(f"<tr><td>{esc(str(r.head))}</td><td class='num'><b>{pct(r.seen)}</b>{spread}</td>"
+                    f"<td class='num'>{pct(r.seen_majority)}</td><td class='num'>{unseen}</td>"
+                    f"<td class='num'>{pct(r.fold_std)}</td><td class='num'>{pct(r.unseen_majority)}</td>"
+                    f"<td class='num'>{speakers}</td><td class='num'>{pct(r.chance)}</td></tr>")
+    seconds = training_seconds(report.run_dir)
+    wall = (f"<p>Training wall time (from the {len(pooled.members)} runs' metrics.csv): {seconds / 60:.1f} min.</p>"
+            if seconds else "")
+    return (
+        "<h2>Headline numbers</h2>\n"
+        f"<p>Pooled over {config['folds']} speaker fold(s) x {config['seeds']} training seed(s) "
+        f"({len(pooled.members)} trainings). Unseen speakers: accuracy over every fold, each eligible speaker "
+        "unseen exactly once, with a 95 % interval resampled over speakers and the spread (standard deviation) of "
+        "the per-fold accuracies. Seen speakers (held-out utterances of training speakers): mean over seeds "
+        "± its standard deviation. Majority: each run's most frequent training class, pooled the same way.</p>\n"
+        "<table><tr><th>head</th><th>seen</th><th>seen majority</th><th>unseen, pooled [95 % interval]</th>"
+        "<th>per-fold spread</th><th>unseen majority</th><th>unseen speakers</th><th>chance</th></tr>\n"
+        + "\n".join(rows) + "</table>\n" + wall
+    )
+
+
 ALWAYS_SHOWN = ("width", "epochs", "batch_size", "lr", "optimizer", "precision", "device")  # even at their defaults
 RECORD_KEYS = ("voxlib_version", "git_commit")  # config.json's record beside the settings
 
@@ -367,11 +419,15 @@ def effective_settings(run_dir: Path) -> list[tuple[str, str, str, str]] | None:
     ``device`` and ``precision`` are what summary.json says the run used where it says so ("auto" is not
     a setting a reader can check). None before the run folder has a config.json.
     """
-    path = Path(run_dir) / "config.json"
+    members = _members(run_dir)
+    path = members[0] / "config.json" if members else Path(run_dir) / "config.json"
     if not path.is_file():
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
-    summary_path = Path(run_dir) / "summary.json"
+    if members:  # the experiment's own settings (folds, seeds, seed), not those of its first member
+        experiment = runfolder.read_json(Path(run_dir) / runfolder.EXPERIMENT)["config"]
+        record |= {k: experiment[k] for k in ("folds", "fold", "seeds", "seed") if k in experiment}
+    summary_path = path.parent / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     rows = []
     for f in field_info():
@@ -463,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run_report(params=params)
     if not report.ok:
         print(f"error: {report.stages[-1].error}", file=sys.stderr)
-    if report.ok and (report.run_dir / "predictions.csv").is_file():
+    if report.ok and ((report.run_dir / "predictions.csv").is_file() or runfolder.is_pooled(report.run_dir)):
         print(training_summary(report.run_dir))  # ends with the report's path
     else:
         print(f"reports: {report.index}")

@@ -50,6 +50,12 @@ EVALS = "evals"
 MARKER = ".vox-run"
 LOCK = ".vox-run.lock"
 REQUIRED_FILES = (CONFIG, LABELS, SPLITS_FILE, METRICS, PREDICTIONS)
+# a pooled folder (folds > 1 or seeds > 1): member run folders inside, the pooled results beside them
+EXPERIMENT = "experiment.json"  # written first: the settings and the member folders
+MEMBER_SCORES = "member_scores.csv"  # one row per member, head and seen/unseen group
+POOLED_PREDICTIONS = "pooled_predictions.csv"  # every member's unseen-speaker rows, with fold and seed
+POOLED = "pooled.json"  # written last: its presence means every member is finished and pooled
+MEMBER_SCORE_COLUMNS = ("member", "fold", "seed", "head", "group", "n", "accuracy", "majority", "chance")
 
 SPLITS = ("train", "seen_val", "seen_test", "unseen_val", "unseen_test")
 HELD_OUT_SPLITS = SPLITS[1:]
@@ -70,8 +76,27 @@ class FolderError(RuntimeError):
 
 
 def default_run_dir(cfg: Config) -> Path:
-    """The run folder used when ``run_dir`` is "": ``outputs/runs/<corpus name>``."""
-    return outputs_dir() / "runs" / corpus_name(cfg)
+    """The run folder used when ``run_dir`` is "": ``outputs/runs/<corpus name>``, with ``-folds<K>``
+    and ``-seeds<N>`` appended for a pooled folder (so a single run and an experiment never share one)."""
+    suffix = (f"-folds{cfg.folds}" if cfg.folds > 1 else "") + (f"-seeds{cfg.seeds}" if cfg.seeds > 1 else "")
+    return outputs_dir() / "runs" / (corpus_name(cfg) + suffix)
+
+
+def member_name(fold: int, seed: int, folds: int, seeds: int) -> str:
+    """The member run folder's name inside a pooled folder: ``fold<k>``, ``seed<s>`` or ``fold<k>-seed<s>``.
+
+    Flat (one level) so every folder below a pooled one is itself a complete run folder; ``seed`` is
+    the training seed the member used. folds=1 and seeds=1 has no members (the run folder itself).
+    """
+    parts = ([f"fold{fold}"] if folds > 1 else []) + ([f"seed{seed}"] if seeds > 1 else [])
+    if not parts:
+        raise ValueError("folds=1 and seeds=1 is a single run folder, not a pooled one")
+    return "-".join(parts)
+
+
+def is_pooled(path: str | Path) -> bool:
+    """True for a pooled folder (folds or seeds), finished or not."""
+    return (Path(path) / EXPERIMENT).is_file()
 
 
 def prediction_columns(head: str) -> list[str]:
@@ -250,6 +275,46 @@ def load_run(run_dir: str | Path) -> Run:
     if unknown:
         raise RunError(f"{path / PREDICTIONS}: rows {unknown[:5]} are not in {SPLITS_FILE}")
     return Run(path, config, labels, splits, metrics, predictions)
+
+
+@dataclass
+class Pooled:
+    """A finished pooled folder: its settings, member folders and pooled results."""
+
+    path: Path
+    experiment: dict  # {"config": the experiment's Config record, "members": [{name, fold, seed}]}
+    summary: dict  # pooled.json
+    member_scores: pd.DataFrame
+    predictions: pd.DataFrame  # pooled unseen-speaker rows (fold, seed, then predictions.csv's columns)
+
+    @property
+    def members(self) -> list[Path]:
+        return [self.path / m["name"] for m in self.experiment["members"]]
+
+    def member(self, index: int = 0) -> Run:
+        return load_run(self.members[index])
+
+
+def load_pooled(path: str | Path) -> Pooled:
+    """Read a finished pooled folder; a missing or unfinished one names what is missing."""
+    path = Path(path)
+    if not is_pooled(path):
+        raise RunError(f"{path}: not a pooled folder (no {EXPERIMENT}; folds and seeds were 1)")
+    if not (path / POOLED).is_file():
+        raise RunError(f"{path}: pooling not finished (no {POOLED}); re-run the same command to finish it")
+    experiment = read_json(path / EXPERIMENT)
+    scores = read_csv(path / MEMBER_SCORES, MEMBER_SCORE_COLUMNS)
+    for column, kind in (("fold", int), ("seed", int), ("n", int), ("accuracy", float), ("majority", float),
+                         ("chance", float)):
+        scores[column] = _as_numbers(scores, column, path / MEMBER_SCORES, kind)
+    labels = read_labels(path / experiment["members"][0]["name"])
+    predictions = read_csv(path / POOLED_PREDICTIONS, ["fold", "seed", "row", "speaker", "split"])
+    for column in ("fold", "seed", "row"):
+        predictions[column] = _as_numbers(predictions, column, path / POOLED_PREDICTIONS, int)
+    for head in labels:
+        if f"{head}_prob" in predictions.columns:
+            predictions[f"{head}_prob"] = _as_numbers(predictions, f"{head}_prob", path / POOLED_PREDICTIONS, float)
+    return Pooled(path, experiment, read_json(path / POOLED), scores, predictions)
 
 
 def read_json(path: Path):

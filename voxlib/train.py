@@ -752,7 +752,19 @@ def tensorboard_hparams(writer, cfg: Config, run_dir: Path, progress: dict) -> N
 
 # --- the run -------------------------------------------------------------------------------------------
 def train(cfg: Config) -> Path:
-    """Train (or resume, or find finished) the run described by ``cfg``; return the run folder."""
+    """Train (or resume, or find finished) the run described by ``cfg``; return the run folder.
+
+    With ``folds`` or ``seeds`` above 1 that is a pooled folder of K x N runs (experiment.py).
+    """
+    if cfg.folds > 1 or cfg.seeds > 1:
+        from voxlib.experiment import run_experiment
+
+        return run_experiment(cfg)
+    return train_run(cfg)
+
+
+def train_run(cfg: Config) -> Path:
+    """Train (or resume, or find finished) the one run folder ``cfg`` describes (a fold's member too)."""
     env = init_distributed(cfg)
     try:
         with speed_settings(cfg, env.device):
@@ -769,6 +781,8 @@ def run_training(cfg: Config, env: Dist) -> Path:
         log.info("%s", note)
     data = load_run_data(cfg, in_turn=env.in_turn, progress=env.main)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else runfolder.default_run_dir(cfg)
+    if runfolder.is_pooled(run_dir):
+        raise TrainingError(f"{run_dir} is a pooled folder (folds/seeds); give its folds and seeds, or a new --run-dir")
     owner = runfolder.writing(run_dir) if env.main else contextlib.nullcontext(run_dir)
     with owner:
         last = run_dir / runfolder.CHECKPOINTS / runfolder.LAST
