@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# speaker folds of the demo (each is one training); FOLDS=1 trains one split
+FOLDS  ?= 3
 
 .PHONY: install test demo bench clean-outputs
 
@@ -20,7 +22,7 @@ test: $(STAMP)
 
 # 3 speaker folds: every demo speaker is unseen once (3 trainings; see README, Splits)
 demo: $(STAMP)
-	$(PY) -m voxlib.report --folds 3
+	$(PY) -m voxlib.report --folds $(FOLDS)
 
 bench: $(STAMP)
 	$(PY) -m voxlib.bench --quick
