@@ -32,6 +32,7 @@ import csv
 import ctypes
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import re
@@ -452,34 +453,62 @@ def render_speaker(job: SpeakerJob) -> SpeakerJob:
     return job
 
 
-def _render_all(plan: str, results: str) -> None:
-    """Entry point of the render helper process: fresh forked workers, one speaker each.
+def _render_one(job: SpeakerJob, result: str) -> None:
+    """Body of one render process: the parent decides when to stop, a dead parent takes it along."""
+    signals.worker_init()
+    Path(result).write_bytes(pickle.dumps(render_speaker(job)))
 
-    The helper is a single-threaded process that only imported this module, so forking it is safe
-    and cheap. Prints one line per finished speaker (the caller's progress bar) and pickles the
-    jobs, with their results, to ``results``.
+
+def _render_all(plan: str, results: str) -> None:
+    """Entry point of the render helper process: a fresh forked process per speaker.
+
+    The helper is a single-threaded process that only imported this module, and it forks every
+    worker from its main thread, so no fork can copy a lock another thread holds (a
+    ``multiprocessing.Pool`` with ``maxtasksperchild`` re-forks from its helper thread, and its
+    ``terminate()`` can hang for good). Prints one line per finished speaker (the caller's progress
+    bar) and pickles the jobs, with their results, to ``results``.
     """
-    # The caller stops this helper with SIGTERM (or dies); either way the pool's workers go with it:
-    # SIGTERM raises here, and leaving the Pool block terminates them.
+    # The caller stops this helper with SIGTERM (or dies); either way the workers go with it:
+    # SIGTERM raises here, and the clean-up below stops them.
     signals.die_with_parent(signal.SIGTERM)
     jobs: list[SpeakerJob] = pickle.loads(Path(plan).read_bytes())
-    cpus = usable_cores()
-    done: dict[str, SpeakerJob] = {}
+    folder = Path(results).parent
     context = multiprocessing.get_context("fork")
-    with signals.terminate_as_interrupt(), context.Pool(
-            max(1, min(len(jobs), cpus)), initializer=signals.leave_stopping_to_parent, maxtasksperchild=1) as pool:
-        finished = pool.imap_unordered(render_speaker, jobs)
-        for _ in jobs:
-            job = finished.next(timeout=SPEAKER_TIMEOUT_S)  # a crashed worker must not hang the build
-            done[job.voice.speaker] = job
-            print(job.voice.speaker, flush=True)
-    Path(results).write_bytes(pickle.dumps([done[job.voice.speaker] for job in jobs]))
+    workers = max(1, min(len(jobs), usable_cores()))
+    waiting = list(enumerate(jobs))
+    running: dict[int, tuple[multiprocessing.process.BaseProcess, int, Path]] = {}
+    done: list[SpeakerJob | None] = [None] * len(jobs)
+    with signals.terminate_as_interrupt():
+        try:
+            while waiting or running:
+                while waiting and len(running) < workers:
+                    index, job = waiting.pop(0)
+                    result = folder / f"speaker{index}.pkl"
+                    process = context.Process(target=_render_one, args=(job, str(result)), daemon=True)
+                    process.start()
+                    running[process.sentinel] = (process, index, result)
+                ready = multiprocessing.connection.wait(list(running), timeout=SPEAKER_TIMEOUT_S)
+                if not ready:  # a hung worker must not hang the build
+                    names = ", ".join(jobs[index].voice.speaker for _, index, _ in running.values())
+                    raise DemoCorpusError(f"rendering {names} took over {SPEAKER_TIMEOUT_S} s")
+                for sentinel in ready:
+                    process, index, result = running.pop(sentinel)
+                    process.join()
+                    speaker = jobs[index].voice.speaker
+                    if process.exitcode != 0 or not result.is_file():
+                        raise DemoCorpusError(f"rendering {speaker} failed (exit code {process.exitcode})")
+                    done[index] = pickle.loads(result.read_bytes())
+                    print(speaker, flush=True)
+        except BaseException:
+            signals.stop_processes([process for process, _, _ in running.values()])
+            raise
+    Path(results).write_bytes(pickle.dumps(done))
 
 
 def run_jobs(jobs: list[SpeakerJob], desc: str = "demo corpus") -> list[SpeakerJob]:
     """Render jobs in fresh processes; return them, with their results, in the input's order.
 
-    The pool runs inside a helper process started with ``python -c``: multiprocessing workers
+    The workers run inside a helper process started with ``python -c``: multiprocessing workers
     re-import the parent's main module, which for ``python -m voxlib.train`` or torchrun means
     importing torch once per speaker. The helper forks its workers from a clean process instead.
     """
