@@ -51,9 +51,9 @@ def test_head_that_memorises_speakers_is_reported_as_such(tmp_path):
     assert gap.loc["sex", "gap"] == pytest.approx(0.0)
     lines = verdict(run)
     memorises = _lines_with(lines, "memorises speakers")
-    assert memorises == ["birthplace reaches 100% on held-out utterances of training speakers but 33% on unseen "
+    assert memorises == ["birthplace reaches 100.0% on held-out utterances of training speakers but 33.3% on unseen "
                          "speakers: the head memorises speakers rather than hearing birthplace"]
-    assert _lines_with(lines, "on unseen speakers 33% vs majority 33%: little birthplace signal generalises")
+    assert _lines_with(lines, "on unseen speakers 33.3% vs majority 33.3%: little birthplace signal generalises")
 
 
 def test_head_that_generalises_is_not_called_a_memoriser(tmp_path):
@@ -62,7 +62,7 @@ def test_head_that_generalises_is_not_called_a_memoriser(tmp_path):
                                    epochs=20, loss_tau={h: 1.0 for h in ("speaker", "birthplace", "sex")}))
     lines = verdict(run)
     assert not _lines_with(lines, "memorises")
-    assert _lines_with(lines, "on unseen speakers 80% vs majority 33%: some birthplace signal generalises")
+    assert _lines_with(lines, "on unseen speakers 80.0% vs majority 33.3%: some birthplace signal generalises")
     assert _lines_with(lines, "loss had flattened")
     # nothing points to a cause here, and the verdict says so instead of inventing one
     assert lines[-1].startswith("the evidence is mixed")
@@ -78,7 +78,7 @@ def test_speaker_to_birthplace_beats_a_weak_head(tmp_path):
     assert table.loc["unseen_test", "through_speaker"] == pytest.approx(9 / 15)
     assert table.loc["seen", "chance"] == pytest.approx(1 / 3) and table.loc["seen", "majority"] == pytest.approx(1 / 3)
     lines = verdict(run)
-    assert _lines_with(lines, "birthplace head reaches 42% on seen speakers while speaker→birthplace gives 96%: "
+    assert _lines_with(lines, "birthplace head reaches 41.7% on seen speakers while speaker→birthplace gives 95.8%: "
                               "the head under-uses identity")
 
 
@@ -95,7 +95,7 @@ def test_head_that_follows_the_speaker_head_uses_identity(tmp_path):
 def test_identity_comparison_needs_a_speaker_head_that_learned(tmp_path):
     run = load_run(make_run_folder(tmp_path / "run", birthplace_seen="speaker", speaker_seen=0.0))
     lines = verdict(run)
-    assert _lines_with(lines, "speaker→birthplace gives only 0% on seen speakers (baseline 33%): the speaker head "
+    assert _lines_with(lines, "speaker→birthplace gives only 0.0% on seen speakers (baseline 33.3%): the speaker head "
                               "has not learned identity")
     assert not _lines_with(lines, "it uses what identity tells it") and not _lines_with(lines, "under-uses")
 
@@ -119,7 +119,7 @@ def test_head_leaning_on_the_big_class(tmp_path):
     run_dir = make_run_folder(tmp_path / "run", speakers=(6, 3, 2), unseen=(2, 1, 1))
     _set_birthplace_predictions(run_dir, {"place00": "place00", "place01": "place00", "place02": "place00"})
     lines = verdict(load_run(run_dir))
-    assert _lines_with(lines, "plain accuracy 50% vs balanced 33% on unseen speakers: the head leans on the large "
+    assert _lines_with(lines, "plain accuracy 50.0% vs balanced 33.3% on unseen speakers: the head leans on the large "
                               "classes")
 
 
@@ -147,7 +147,7 @@ def test_region_rollup_by_hand(tmp_path):
     assert len(pairs) == 3 and set(pairs["count"]) == {10} and set(pairs["rate"]) == {1.0}
     assert set(zip(pairs["true"], pairs["predicted"])) == {("place00", "place01"), ("place02", "place00"),
                                                           ("place03", "place02")}
-    assert _lines_with(verdict(run), "67% of the errors on unseen speakers stay within the true region vs 33% "
+    assert _lines_with(verdict(run), "66.7% of the errors on unseen speakers stay within the true region vs 33.3% "
                                      "if errors were random")
 
 
@@ -171,7 +171,7 @@ def test_probe_finds_birthplace_the_head_misses(tmp_path):
     assert probe["head_accuracy"] == pytest.approx(1 / 3)
     assert probe["probe_accuracy"] >= 0.9
     lines = verdict(run)
-    assert _lines_with(lines, f"the linear probe reaches {probe['probe_accuracy']:.0%} on unseen speakers vs 33% "
+    assert _lines_with(lines, f"the linear probe reaches {probe['probe_accuracy']:.1%} on unseen speakers vs 33.3% "
                               "for the head: the information is in the trunk")
 
 
@@ -226,7 +226,7 @@ def test_loss_still_falling_and_flattened(tmp_path):
     assert trend["window"] == 4
     f = lambda e: 0.2 + 2.0 * math.exp(-e / 40.0)  # noqa: E731 - the factory's training loss
     assert trend["relative_change"] == pytest.approx((f(20) - f(17)) / f(17), abs=0.005)
-    assert _lines_with(verdict(falling), f"birthplace loss was still falling ({trend['relative_change']:+.0%} over "
+    assert _lines_with(verdict(falling), f"birthplace loss was still falling ({trend['relative_change']:+.1%} over "
                                          "the last 4 epochs): longer training may help")
     flat = load_run(make_run_folder(tmp_path / "flat", epochs=20, loss_tau={"birthplace": 1.0}))
     assert abs(loss_trend(flat)["relative_change"]) < 0.01
@@ -249,10 +249,10 @@ def test_gradient_share(tmp_path):
     np.testing.assert_allclose(per_epoch.groupby("epoch")["share"].sum(), 1.0)
     mean = mean_gradient_share(run)
     assert mean.to_dict() == pytest.approx({"speaker": 0.6, "birthplace": 0.1, "sex": 0.3})
-    assert _lines_with(verdict(run), "birthplace receives 10% of the gradient reaching the trunk vs 60% for "
+    assert _lines_with(verdict(run), "birthplace receives 10.0% of the gradient reaching the trunk vs 60.0% for "
                                      "speaker: it has little say")
     even = load_run(make_run_folder(tmp_path / "even", epochs=4))
-    assert _lines_with(verdict(even), "birthplace receives 33% of the gradient reaching the trunk vs 33% for "
+    assert _lines_with(verdict(even), "birthplace receives 33.3% of the gradient reaching the trunk vs 33.3% for "
                                       "speaker: it is not starved")
 
 

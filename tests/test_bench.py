@@ -37,8 +37,13 @@ def record(tmp_path_factory) -> dict:
     return json.loads(path.read_text())
 
 
+def timed(record: dict) -> list[dict]:
+    """The training rows that were timed (a variant far slower than the fastest is not timed at the next batch)."""
+    return [r for r in record["training"] if "skipped" not in r]
+
+
 def test_training_rows_are_derived_from_step_times_and_flop_counts(record):
-    rows = record["training"]
+    rows = timed(record)
     variants = {r["variant"] for r in rows if r["model"] == "cpu_default"}
     assert variants == {"fp32", "channels_last", "bf16", "bf16+channels_last"}
     for r in rows:
@@ -61,7 +66,7 @@ def test_training_rows_are_derived_from_step_times_and_flop_counts(record):
 
 
 def test_batch_search_best_rows_auto_and_targets(record):
-    seed_rows = [r for r in record["training"] if r["model"] == "seed"]
+    seed_rows = [r for r in timed(record) if r["model"] == "seed"]
     assert {r["batch"] for r in seed_rows} >= {2}
     best = record["best"]["seed"]
     top = max(seed_rows, key=lambda r: r["samples_per_s"])
@@ -70,12 +75,15 @@ def test_batch_search_best_rows_auto_and_targets(record):
     assert best["best"]["speedup_vs_plain"] == pytest.approx(top["samples_per_s"] / plain["samples_per_s"])
     # auto: the rule of precision.choose on the channels_last pair at each batch
     for a in record["auto"]:
-        pair = {r["dtype"]: r["samples_per_s"] for r in record["training"] if r["model"] == a["model"]
+        pair = {r["dtype"]: r["samples_per_s"] for r in timed(record) if r["model"] == a["model"]
                 and r["batch"] == a["batch"] and r["channels_last"] and not r["compile"]}
+        if a["speedup"] is None:  # the other dtype was over SLOW_FACTOR slower at the first batch: not timed here
+            assert len(pair) == 1 and a["precision"] in pair
+            continue
         assert a["precision"] == ("bf16" if pair["bf16"] >= 1.1 * pair["fp32"] else "fp32")
         assert a["speedup"] == pytest.approx(pair["bf16"] / pair["fp32"])
     picked = {(a["model"], a["batch"]): a["precision"] for a in record["auto"]}
-    for r in record["training"]:
+    for r in timed(record):
         assert r["auto"] == (picked.get((r["model"], r["batch"])) == r["dtype"])
     auto_top = max((r for r in seed_rows if r["auto"]), key=lambda r: r["samples_per_s"])
     assert best["best_auto"]["samples_per_s"] == auto_top["samples_per_s"]
@@ -88,9 +96,13 @@ def test_batch_search_best_rows_auto_and_targets(record):
     speedup = targets["seed_speedup_vs_plain"]
     assert speedup["value"] == pytest.approx(auto_top["samples_per_s"] / plain["samples_per_s"])
     assert speedup["met"] == ((speedup["value"] >= 2.5) if speedup["applies"] else None)
-    # all four eager variants measured at the batch found best, so the table compares like with like
-    assert {r["variant"] for r in seed_rows if r["batch"] == best["best"]["batch"]} >= {
-        v.name for v in steps.EAGER_VARIANTS}
+    # all four eager variants have a row at the batch found best, so the table compares like with like:
+    # timed, or (over SLOW_FACTOR slower at the first batch) marked as not timed with the reason
+    assert {r["variant"] for r in record["training"] if r["model"] == "seed" and r["batch"] == best["best"]["batch"]} \
+        >= {v.name for v in steps.EAGER_VARIANTS}
+    for r in (r for r in record["training"] if "skipped" in r):
+        first = next(x for x in timed(record) if (x["model"], x["variant"], x["batch"]) == (r["model"], r["variant"], 2))
+        assert first.get("rough") is True and re.fullmatch(r"\d+x slower than \S+ at batch 2", r["skipped"])
 
 
 def test_ceiling_is_the_best_kernel_of_both_passes(record):
@@ -138,6 +150,58 @@ def test_theoretical_peak_from_flags_and_clock():
               "theoretical": unknown}
     text = "\n".join(table.ceiling_lines(record))
     assert "clock not reported" in text and "bf16 not reported (no native bf16 reported)" in text
+
+
+def test_a_variant_far_slower_than_the_fastest_is_timed_once_and_not_again(monkeypatch):
+    """bf16 without native support (40x slower at seed width) must not cost the bench minutes per row."""
+    calls = []
+
+    def fake(width, heads, batch, variant, device, warmup, steps_, min_time_s, cfg, slow_after_s=None):
+        calls.append((batch, variant.name, slow_after_s))
+        step_s = (10.0 if variant.bf16 else 1.0) * (batch / 10) ** 0.8  # larger batches a little faster per sample
+        row = {"variant": variant.name, "dtype": "bf16" if variant.bf16 else "fp32", "channels_last": variant.channels_last,
+               "compile": variant.compile, "batch": batch, "step_s": step_s, "samples_per_s": batch / step_s,
+               "flops_per_s": 1e9 * batch / step_s}
+        return {**row, "rough": True} if slow_after_s is not None and step_s > slow_after_s else row
+
+    monkeypatch.setattr(runner, "time_training", fake)
+    b = runner.Bench.__new__(runner.Bench)
+    b.cfg, b.device = Config(), torch.device("cpu")
+    b.plan = runner.Plan(models={"seed": (1.0, HEADS)}, batches={"seed": (10, 32)}, compile_models=())
+    b.say = lambda text: None
+    rows = b.training()
+    # at batch 10 every variant after the first is bounded by steps.SLOW_FACTOR x the fastest so far
+    assert calls[:4] == [(10, "fp32", None), (10, "channels_last", steps.SLOW_FACTOR * 1.0),
+                         (10, "bf16", steps.SLOW_FACTOR * 1.0), (10, "bf16+channels_last", steps.SLOW_FACTOR * 1.0)]
+    assert [r["variant"] for r in rows if r.get("rough")] == ["bf16", "bf16+channels_last"]
+    # at the best batch the rough ones are not timed again, and say why
+    assert [c[:2] for c in calls[4:]] == [(32, "fp32"), (32, "channels_last")]
+    skipped = [r for r in rows if "skipped" in r]
+    assert [(r["batch"], r["variant"], r["skipped"]) for r in skipped] == [
+        (32, "bf16", "10x slower than fp32 at batch 10"), (32, "bf16+channels_last", "10x slower than fp32 at batch 10")]
+    b.record = {"training": rows, "theoretical": {},
+                "ceiling": {d: {"flops": 1e12, "library": "torch.mm", "shape": [64, 64, 64], "passes": []}
+                            for d in ("fp32", "bf16")}}
+    b.add_ratios()
+    # auto at batch 32 follows from the untimed bf16 rows: fp32, with no speed-up to quote
+    assert {(a["batch"], a["precision"], a["speedup"]) for a in b.record["auto"]} == {(10, "fp32", 0.1), (32, "fp32", None)}
+    b.record["machine"] = {"cpu": "x", "threads": 2, "torch": torch.__version__, "device": "cpu"}
+    b.record["plan"] = {"batches": {"seed": [10, 32]}}
+    text = table.format_table(b.record)
+    untimed = [line.split() for line in text.splitlines() if "not timed" in line]
+    assert [words[:5] for words in untimed] == [["seed", "1.0", "32", "bf16", "bf16"],
+                                                ["seed", "1.0", "32", "bf16+channels_last", "bf16"]]
+    assert all(" ".join(words[5:]) == "not timed: 10x slower than fp32 at batch 10" for words in untimed)
+    assert text.count("(one step, not repeated)") == 2
+    assert "precision=auto, seed at batch 32: fp32 (the other precision was over 5x slower at the first batch" in text
+
+
+def test_rough_rows_are_one_warm_up_step():
+    variant = steps.Variant("fp32")
+    r = steps.time_training(0.0625, HEADS, 2, variant, torch.device("cpu"), warmup=1, steps=3, slow_after_s=1e-9)
+    assert r["rough"] is True and r["step_s"] == r["median_step_s"] and r["samples_per_s"] == pytest.approx(2 / r["step_s"])
+    full = steps.time_training(0.0625, HEADS, 2, variant, torch.device("cpu"), warmup=1, steps=3)
+    assert "rough" not in full
 
 
 def test_a_step_above_the_ceiling_is_reported_not_clipped():

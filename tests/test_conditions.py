@@ -69,7 +69,7 @@ def test_measures_describe_the_recording_set_up(tmp_path):
 def test_a_corpus_with_one_set_up_per_birthplace_is_flagged(tmp_path):
     conditions = measure_conditions(write_corpus(tmp_path, confounded=True))
     table = conditions_by_class(conditions, "birthplace").set_index("birthplace")
-    assert table.loc["north", "sample_rate"] == "8000 100%" and table.loc["east", "codec"] == "WAV/FLOAT 100%"
+    assert table.loc["north", "sample_rate"] == "8000 100.0%" and table.loc["east", "codec"] == "WAV/FLOAT 100.0%"
     assert table.loc["south", "bandwidth_hz_median"] < 5000 < table.loc["east", "bandwidth_hz_median"]
     check = confound_check(conditions, ["speaker", "birthplace", "sex"])
     assert list(check.summary["head"]) == ["birthplace", "sex"]  # never the speaker head
@@ -77,7 +77,7 @@ def test_a_corpus_with_one_set_up_per_birthplace_is_flagged(tmp_path):
     assert row["confounded"] and row["balanced_accuracy"] == 1.0 and row["low"] > row["chance"]
     assert check.flagged == ["birthplace"]
     assert confound_lines(check)[0].startswith("birthplace is confounded with recording conditions: a classifier "
-                                               "on recording conditions alone reaches balanced accuracy 100%")
+                                               "on recording conditions alone reaches balanced accuracy 100.0%")
 
 
 def test_the_same_voices_with_set_ups_spread_over_birthplaces_are_not_flagged(tmp_path):
@@ -141,7 +141,7 @@ def test_the_verdict_names_the_confound_first_and_only_when_flagged(tmp_path):
     assert check.flagged == ["birthplace"]
     lines = birthplace_report(run, project=False, confound=check)["verdict"]
     assert lines[0].startswith("birthplace is confounded with recording conditions: a classifier on recording "
-                               "conditions alone (no speech content) reaches balanced accuracy 100% [100%, 100%]")
+                               "conditions alone (no speech content) reaches balanced accuracy 100.0% [100.0%, 100.0%]")
     clean = confound_check(synthetic_conditions(classes=3, speakers=4, rows=5, confounded=False, seed=0),
                            ["birthplace"])
     assert clean.flagged == []

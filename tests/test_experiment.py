@@ -214,7 +214,7 @@ def test_the_verdict_uses_the_pooled_numbers_and_interval(tmp_path):
     assert m["gap"] == pytest.approx(1.0 - 54 / 60)
     lines = verdict_from_measures(m)
     assert lines[0].startswith("unseen-speaker birthplace is pooled over 2 folds x 1 seed(s)")
-    assert f"[{u['low']:.0%}, {u['high']:.0%}]" in lines[0]
+    assert f"[{u['low']:.1%}, {u['high']:.1%}]" in lines[0]
     assert any("the whole interval is above majority" in line for line in lines)
     weak = pooled_folder(tmp_path / "weak", (1 / 3, 0.4))
     lines = verdict_from_measures(measures(weak.member(0), pooled=weak, probe=False))

@@ -49,8 +49,8 @@ def test_the_faster_precision_is_chosen_and_recorded(tmp_path, faster):
     choice = precision.resolve_precision(cfg_for(tmp_path), torch.device("cpu"), steps, SHAPE)
     assert choice.precision == faster and choice.how == "measured"
     assert sorted(steps.built) == ["bf16", "fp32"]
-    assert steps.calls == {"fp32": precision.WARMUP_STEPS + precision.TIMED_ROUNDS,
-                           "bf16": precision.WARMUP_STEPS + precision.TIMED_ROUNDS}
+    # 20x apart after the first round: no later round could change the choice, so none is taken
+    assert steps.calls == {"fp32": precision.WARMUP_STEPS + 1, "bf16": precision.WARMUP_STEPS + 1}
     speeds = choice.samples_per_s
     assert speeds[faster] > 5 * speeds[slower]
     assert choice.speedup == pytest.approx(speeds["bf16"] / speeds["fp32"])
@@ -58,6 +58,14 @@ def test_the_faster_precision_is_chosen_and_recorded(tmp_path, faster):
     assert record["precision"] == faster and record["samples_per_s"] == speeds and record["key"] == choice.key
     assert record["key_fields"]["batch"] == 32 and record["key_fields"]["torch"] == torch.__version__
     json.dumps(record)  # training writes it to the run folder as JSON
+
+
+def test_rounds_continue_while_the_choice_is_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "DECIDED", float("inf"))
+    steps = FakeSteps({"fp32": 2, "bf16": 40})
+    assert precision.resolve_precision(cfg_for(tmp_path), torch.device("cpu"), steps, SHAPE).precision == "fp32"
+    assert steps.calls == {"fp32": precision.WARMUP_STEPS + precision.TIMED_ROUNDS,
+                           "bf16": precision.WARMUP_STEPS + precision.TIMED_ROUNDS}
 
 
 def test_a_gain_inside_the_margin_stays_fp32():

@@ -34,6 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
 from voxlib.corpora.labels import too_few_speakers
+from voxlib.text import percent
 from voxlib.evaluate import (
     HELD_OUT_SPLITS,
     SEEN_SPLITS,
@@ -619,7 +620,7 @@ def _pooled_keys(pooled, head: str, per_seen: pd.Series) -> dict:
 
 
 def _pct(x: float) -> str:
-    return f"{x:.0%}"
+    return percent(x)
 
 
 def _beyond_noise(difference: float, se: float | None) -> bool:
@@ -630,7 +631,7 @@ def _beyond_noise(difference: float, se: float | None) -> bool:
 def _spread(se: float | None) -> str:
     if se is None or math.isnan(se) or math.isinf(se):
         return "(a single speaker)"
-    return f"(±{EVIDENCE_Z * se:.0%})"
+    return f"(±{percent(EVIDENCE_Z * se)})"
 
 
 def verdict_from_measures(m: dict) -> list[str]:
@@ -751,14 +752,14 @@ def verdict_from_measures(m: dict) -> list[str]:
         z, k = m["loss_relative_change"], m["loss_window"]
         v = m.get("unseen_val_loss_relative_change", float("nan"))
         if z <= -STILL_FALLING and ok("unseen_val_loss_relative_change") and v >= STILL_FALLING:
-            lines.append(f"mixed evidence: the {head} training loss was still falling ({z:+.0%} over the last {k} "
-                         f"epochs) but the unseen-speaker validation loss rose ({v:+.0%}): longer training would "
+            lines.append(f"mixed evidence: the {head} training loss was still falling ({z:+.1%} over the last {k} "
+                         f"epochs) but the unseen-speaker validation loss rose ({v:+.1%}): longer training would "
                          "likely deepen memorisation rather than help")
         elif z <= -STILL_FALLING:
             causes += 1
-            lines.append(f"{head} loss was still falling ({z:+.0%} over the last {k} epochs): longer training may help")
+            lines.append(f"{head} loss was still falling ({z:+.1%} over the last {k} epochs): longer training may help")
         else:
-            lines.append(f"{head} loss had flattened ({z:+.0%} over the last {k} epochs): longer training alone is "
+            lines.append(f"{head} loss had flattened ({z:+.1%} over the last {k} epochs): longer training alone is "
                          "unlikely to help")
     if ok("gradient_share"):
         w, equal = m["gradient_share"], 1.0 / m["n_heads"]

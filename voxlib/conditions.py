@@ -47,6 +47,7 @@ from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 from tqdm import tqdm
 
 from voxlib.audio import segment_frames
+from voxlib.text import percent
 
 MAX_SECONDS = 20.0  # audio read per clip: enough for level, floor and spectrum, cheap on long talks
 FRAME_SECONDS = 0.02  # frames for the noise floor
@@ -118,7 +119,7 @@ def conditions_by_class(conditions: pd.DataFrame, head: str) -> pd.DataFrame:
     share of the rows) and the median of each numeric measure."""
     def shares(values: pd.Series) -> str:
         counts = values.value_counts(normalize=True)
-        return ", ".join(f"{v} {s:.0%}" for v, s in counts.head(3).items()) + (" ..." if len(counts) > 3 else "")
+        return ", ".join(f"{v} {percent(s)}" for v, s in counts.head(3).items()) + (" ..." if len(counts) > 3 else "")
 
     grouped = conditions.groupby(conditions[head].astype(str), sort=True)
     table = pd.DataFrame({"rows": grouped.size(), "speakers": grouped["speaker"].nunique()})
@@ -233,8 +234,8 @@ def confound_lines(check: ConfoundCheck) -> list[str]:
     """One sentence per head: confounded (first) or not, with the numbers behind it."""
     lines = []
     for row in sorted(check.summary.to_dict("records"), key=lambda r: not r["confounded"]):
-        numbers = (f"a classifier on recording conditions alone reaches balanced accuracy {row['balanced_accuracy']:.0%} "
-                   f"[{row['low']:.0%}, {row['high']:.0%}] on held-out speakers vs {row['chance']:.0%} for the majority "
+        numbers = (f"a classifier on recording conditions alone reaches balanced accuracy {percent(row['balanced_accuracy'])} "
+                   f"[{percent(row['low'])}, {percent(row['high'])}] on held-out speakers vs {percent(row['chance'])} for the majority "
                    "class")
         if row["confounded"]:
             lines.append(f"{row['head']} is confounded with recording conditions: {numbers}; most tied to the label: "

@@ -77,7 +77,8 @@ def as_table(values: dict, name: str = "value"):
     """
     import pandas as pd
 
-    from voxlib.plots import PERCENT, SHARE_COLUMNS
+    from voxlib.plots import SHARE_COLUMNS
+    from voxlib.text import PERCENT
 
     def shown(key, value):
         if isinstance(value, float):

@@ -19,7 +19,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from voxlib.text import plot_label, plot_table
+from voxlib.text import PERCENT, plot_label, plot_table
 
 SPLIT_ORDER = ("train", "seen_val", "unseen_val", "seen_test", "unseen_test")
 ANNOTATE_MAX = 15  # confusion matrices up to this many classes print each cell's value
@@ -35,7 +35,6 @@ SHARE_COLUMNS = frozenset({
     "rate", "share", "probe_accuracy", "probe_balanced_accuracy", "head_accuracy", "difference_se",
     "low", "high",  # low, high: a confidence interval of an accuracy
     "unseen_low", "unseen_high", "fold_std", "seen_std_over_seeds"})
-PERCENT = "{:.1%}"
 
 
 def styled(table: pd.DataFrame):

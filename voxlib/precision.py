@@ -40,6 +40,7 @@ CACHE_FILE = "precision.json"
 CACHE_VERSION = 1
 WARMUP_STEPS = 1
 TIMED_ROUNDS = 3  # fp32 and bf16 steps alternate, best of each: a burst of load slows one round, not the choice
+DECIDED = 3.0  # after a round in which one precision is this much slower, the rounds stop
 
 
 @dataclass
@@ -119,6 +120,8 @@ def measure(make_step: Callable[[str], Callable[[], None]], batch: int, rounds: 
                 t0 = time.perf_counter()
                 step()
                 best[p] = min(best[p], time.perf_counter() - t0)
+            if max(best.values()) > DECIDED * min(best.values()):
+                break  # no later round can change the choice (bf16 emulated in software: 40x slower)
         del steps
     finally:
         set_rng_state(state)

@@ -20,6 +20,14 @@ import re
 import unicodedata
 from typing import Any
 
+PERCENT = "{:.1%}"  # every share a person reads (tables, figures, verdicts): percent, one decimal
+
+
+def percent(share: float) -> str:
+    """A share (0.256) as vox shows it everywhere: ``25.6%``."""
+    return PERCENT.format(share)
+
+
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+!|~$-])")  # <, >, & are left to html.escape
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
 

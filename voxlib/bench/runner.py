@@ -18,7 +18,8 @@ from voxlib.bench.corpus import repeat_corpus, run_data, write_corpus
 from voxlib.bench.parity import format_parity, parity
 from voxlib.bench.pipeline import (auto_precision, cache_vs_librosa, loader_wait, memory_probe, predict_throughput,
                                    run_memory_probe, verification_cost)
-from voxlib.bench.steps import EAGER_VARIANTS, Variant, auto_choices, auto_speedup, time_training, training_settings
+from voxlib.bench.steps import (EAGER_VARIANTS, SLOW_FACTOR, Variant, auto_choices, auto_speedup, time_training,
+                                training_settings)
 from voxlib.bench.table import format_table
 from voxlib.config import SEED_PRESET, Config, outputs_dir
 from voxlib.model import Discriminator, count_flops
@@ -172,25 +173,38 @@ class Bench:
                      f"({c['library']}, {'x'.join(map(str, c['shape']))})")
         return out
 
-    def measure(self, model: str, batch: int, variant: Variant) -> dict:
+    def measure(self, model: str, batch: int, variant: Variant, fastest_s: float | None = None) -> dict:
+        """One row; ``fastest_s`` (the fastest step so far at this model and batch) bounds a slow variant."""
         width, heads = self.plan.models[model]
         try:
             r = time_training(width, heads, batch, variant, self.device, self.plan.warmup, self.plan.steps,
-                              self.plan.min_time_s, self.cfg)
+                              self.plan.min_time_s, self.cfg,
+                              slow_after_s=SLOW_FACTOR * fastest_s if fastest_s else None)
         except RuntimeError as err:  # out of memory at a large batch, or compile unavailable
             self.say(f"{model} batch {batch} {variant.name}: failed ({str(err).splitlines()[0][:120]})")
             return {"model": model, "width": width, "variant": variant.name, "batch": batch, "error": str(err)[:500]}
         r = {"model": model, "width": width, **r}
         extra = f", compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
+        if r.get("rough"):
+            extra += f" (one step: over {SLOW_FACTOR:.0f}x the fastest, not repeated)"
         self.say(f"{model} (width {width}) batch {batch} {variant.name}: {r['samples_per_s']:.2f} samples/s, "
                  f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s{extra}")
         return r
+
+    def measure_all(self, model: str, batch: int, variants, rows: list[dict]) -> list[dict]:
+        """Each variant at one batch, the fastest step so far bounding the slow ones."""
+        out = []
+        for variant in variants:
+            times = [r["step_s"] for r in rows + out if r["model"] == model and r["batch"] == batch
+                     and "step_s" in r and not r.get("rough")]
+            out.append(self.measure(model, batch, variant, min(times) if times else None))
+        return out
 
     def training(self) -> list[dict]:
         rows = []
         for model in self.plan.models:
             batches = self.plan.batches[model]
-            at10 = [self.measure(model, batches[0], v) for v in EAGER_VARIANTS]
+            at10 = self.measure_all(model, batches[0], EAGER_VARIANTS, rows)
             rows += at10
             fastest = max((r for r in at10 if "error" not in r), key=lambda r: r["samples_per_s"])
             base = next(v for v in EAGER_VARIANTS if v.name == fastest["variant"])
@@ -198,9 +212,18 @@ class Bench:
             rows += search[1:]
             best = max((r for r in search if "error" not in r), key=lambda r: r["samples_per_s"])
             if best["batch"] != batches[0]:
-                rows += [self.measure(model, best["batch"], v) for v in EAGER_VARIANTS if v is not base]
+                # a variant that was SLOW_FACTOR slower at the first batch is not timed again
+                slow = {r["variant"]: r for r in at10 if r.get("rough")}
+                again = [v for v in EAGER_VARIANTS if v is not base and v.name not in slow]
+                rows += self.measure_all(model, best["batch"], again, rows + [best])
+                for name, r in slow.items():
+                    factor = fastest["samples_per_s"] / r["samples_per_s"]
+                    rows.append({**{k: r[k] for k in ("model", "width", "variant", "dtype", "channels_last", "compile")},
+                                 "batch": best["batch"], "skipped": f"{factor:.0f}x slower than {fastest['variant']} "
+                                                                   f"at batch {batches[0]}"})
+                    self.say(f"{model} batch {best['batch']} {name}: not timed ({rows[-1]['skipped']})")
             if model in self.plan.compile_models:
-                ok = [r for r in rows if r["model"] == model and r["batch"] == best["batch"] and "error" not in r]
+                ok = [r for r in rows if r["model"] == model and r["batch"] == best["batch"] and "step_s" in r]
                 top = max(ok, key=lambda r: r["samples_per_s"])
                 base = next(v for v in EAGER_VARIANTS if v.name == top["variant"])
                 rows.append(self.measure(model, best["batch"],
@@ -211,14 +234,14 @@ class Bench:
     def add_ratios(self) -> None:
         """Each row against the ceiling of the dtype its GEMMs run in; auto's pick; the targets."""
         ceiling = {d: c["flops"] for d, c in self.record["ceiling"].items()}
-        rows = [r for r in self.record["training"] if "error" not in r]
+        rows = [r for r in self.record["training"] if "step_s" in r]  # not failed, not skipped
         for r in rows:
             r["of_ceiling"] = r["flops_per_s"] / ceiling[r["dtype"]]
         # a step faster than every GEMM measured means a faster kernel exists: say so, never clip
         self.record["ceiling_incomplete"] = [
             {k: r[k] for k in ("model", "batch", "variant", "dtype", "flops_per_s", "of_ceiling")}
             for r in rows if r["of_ceiling"] > 1]
-        auto = auto_choices(rows, self.cfg.channels_last)
+        auto = auto_choices(rows + [r for r in self.record["training"] if "skipped" in r], self.cfg.channels_last)
         for r in rows:
             r["auto"] = auto.get((r["model"], r["batch"])) == r["dtype"]
         self.record["auto"] = [{"model": m, "batch": b, "precision": p, "speedup": auto_speedup(rows, m, b,
@@ -299,7 +322,7 @@ class Bench:
     def gpu(self) -> dict:
         epochs = SEED_PRESET["epochs"]
         if self.device.type == "cuda":
-            seed = [r for r in self.record["training"] if r["model"] == "seed" and "error" not in r]
+            seed = [r for r in self.record["training"] if r["model"] == "seed" and "step_s" in r]
             return gpu_measured(seed, self.epoch_utterances, epochs)
         best = self.record.get("best", {}).get("seed", {}).get("best_auto")
         return gpu_estimate(self.epoch_utterances, epochs, best["of_ceiling"] if best else None)

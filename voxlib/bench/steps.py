@@ -33,6 +33,10 @@ def training_settings(cfg: Config, device: torch.device):
 
 
 MAX_TIMED_STEPS = 100
+# A variant whose warm-up step takes this many times the fastest step measured so far at the same model
+# and batch cannot be the fastest: it is reported from that one step and not repeated (bf16 without
+# native support ran 40x slower than fp32 at seed width, 80 s a step, on a CPU without AVX512-BF16).
+SLOW_FACTOR = 5.0
 
 
 
@@ -59,12 +63,20 @@ EAGER_VARIANTS = (
 
 def auto_choices(rows: list[dict], channels_last: bool) -> dict[tuple[str, int], str]:
     """{(model, batch): what precision=auto picks}, from the eager fp32 and bf16 rows in the
-    configured memory format, by the rule training uses (``precision.choose``)."""
+    configured memory format, by the rule training uses (``precision.choose``). Where one dtype was
+    not timed at that batch because it was ``SLOW_FACTOR`` slower at the first batch (a ``skipped``
+    row), auto picks the other."""
     out = {}
     for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
         speeds = _auto_pair(rows, model, batch, channels_last)
         if speeds:
             out[(model, batch)] = choose_precision(speeds)
+            continue
+        mine = [r for r in rows if r["model"] == model and r["batch"] == batch
+                and r["channels_last"] == channels_last and not r["compile"]]
+        timed = {r["dtype"] for r in mine if "skipped" not in r and "error" not in r}
+        if len(timed) == 1 and any("skipped" in r for r in mine):
+            out[(model, batch)] = timed.pop()
     return out
 
 
@@ -75,8 +87,20 @@ def auto_speedup(rows: list[dict], model: str, batch: int, channels_last: bool) 
 
 def _auto_pair(rows, model, batch, channels_last) -> dict | None:
     pair = {r["dtype"]: r["samples_per_s"] for r in rows if r["model"] == model and r["batch"] == batch
-            and r["channels_last"] == channels_last and not r["compile"]}
+            and r["channels_last"] == channels_last and not r["compile"] and "skipped" not in r and "error" not in r}
     return pair if len(pair) == 2 else None
+
+
+def _row(variant: Variant, batch: int, step: "BenchStep", best: float, best_plain: float, grad: float | None,
+         times: list[float], rough: bool = False) -> dict:
+    row = {"variant": variant.name, "dtype": "bf16" if variant.bf16 else "fp32",
+           "channels_last": variant.channels_last, "compile": variant.compile, "batch": batch,
+           "step_s": best, "plain_step_s": best_plain, "grad_step_s": grad,
+           "grad_log_every": step.grad_every, "median_step_s": float(np.median(times)),
+           "samples_per_s": batch / best, "flops_per_s": step.flops / best, "step_flops": step.flops}
+    if rough:
+        row["rough"] = True
+    return row
 
 
 # --- training steps ----------------------------------------------------------------------------
@@ -121,8 +145,13 @@ class BenchStep:
 
 
 def time_training(width: float, head_sizes: dict, batch: int, variant: Variant, device: torch.device,
-                  warmup: int, steps: int, min_time_s: float = 0.0, cfg: Config | None = None) -> dict:
+                  warmup: int, steps: int, min_time_s: float = 0.0, cfg: Config | None = None,
+                  slow_after_s: float | None = None) -> dict:
     """Samples/s of training's step after ``warmup`` (compile time reported apart).
+
+    When the first warm-up step already took longer than ``slow_after_s`` (``SLOW_FACTOR`` times the
+    fastest step the caller has seen), the row is that one step, marked ``rough``: one-time costs
+    included, so its speed is if anything too low, and it is far from the fastest either way.
 
     At least ``steps`` steps are timed, and more until they add up to ``min_time_s`` (at most
     ``MAX_TIMED_STEPS``): a small model's step takes 50 ms, and a burst of load from a neighbour
@@ -138,6 +167,8 @@ def time_training(width: float, head_sizes: dict, batch: int, variant: Variant, 
         sync(device)
         if i == 0:
             first = time.perf_counter() - t0
+            if slow_after_s is not None and first > slow_after_s and not variant.compile:
+                return _row(variant, batch, step, first, first, None, [first], rough=True)
     step.calls = 0
     plain, grad = [], []
     while len(plain) + len(grad) < steps or (sum(plain) + sum(grad) < min_time_s
@@ -149,11 +180,7 @@ def time_training(width: float, head_sizes: dict, batch: int, variant: Variant, 
         kind.append(time.perf_counter() - t0)
     best_plain = min(plain) if plain else min(grad)
     best = best_plain + (min(grad) - best_plain) / step.grad_every if grad and plain else best_plain
-    result = {"variant": variant.name, "dtype": "bf16" if variant.bf16 else "fp32",
-              "channels_last": variant.channels_last, "compile": variant.compile, "batch": batch,
-              "step_s": best, "plain_step_s": best_plain, "grad_step_s": min(grad) if grad else None,
-              "grad_log_every": step.grad_every, "median_step_s": float(np.median(plain or grad)),
-              "samples_per_s": batch / best, "flops_per_s": step.flops / best, "step_flops": step.flops}
+    result = _row(variant, batch, step, best, best_plain, min(grad) if grad else None, plain or grad)
     if variant.compile and first is not None:
         result["compile_s"] = max(first - best, 0.0)
     if device.type == "cuda":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from voxlib.precision import MARGIN
+from voxlib.bench.steps import SLOW_FACTOR
 
 
 def _met(t: dict) -> str:
@@ -67,16 +68,22 @@ def format_table(record: dict) -> str:
         if "error" in r:
             lines.append(f"{r['model']:<12} {r['width']:>5} {r['batch']:>5} {r['variant']:<26} failed")
             continue
+        if "skipped" in r:
+            lines.append(f"{r['model']:<12} {r['width']:>5} {r['batch']:>5} {r['variant']:<26} {r['dtype']:>5} "
+                         f"not timed: {r['skipped']}")
+            continue
         comp = f"{r['compile_s']:.0f}" if "compile_s" in r else "-"
         lines.append(f"{r['model']:<12} {r['width']:>5} {r['batch']:>5} {r['variant']:<26} {r['dtype']:>5} "
                      f"{r['samples_per_s']:>9.2f} {r['flops_per_s'] / 1e9:>8.1f} {100 * r['of_ceiling']:>8.0f} % "
-                     f"{'<-' if r['auto'] else '':>4} {comp:>9}")
+                     f"{'<-' if r['auto'] else '':>4} {comp:>9}" + ("  (one step, not repeated)" if r.get("rough") else ""))
     lines.append("(of ceiling: against the GEMM ceiling of the row's dtype; auto <-: the precision precision=auto "
                  "picks at that batch)")
     lines.append("")
     for a in record.get("auto", []):
+        evidence = (f"bf16 {a['speedup']:.2f}x fp32" if a["speedup"] is not None
+                    else f"the other precision was over {SLOW_FACTOR:.0f}x slower at the first batch")
         lines.append(f"precision=auto, {a['model']} at batch {a['batch']}: {a['precision']} "
-                     f"(bf16 {a['speedup']:.2f}x fp32; bf16 needs >= {MARGIN:.2f}x)")
+                     f"({evidence}; bf16 needs >= {MARGIN:.2f}x)")
     for model, b in record.get("best", {}).items():
         for label in ("best", "best_auto"):
             if label in b:
