@@ -101,8 +101,13 @@ def test_batch_search_best_rows_auto_and_targets(record):
     assert {r["variant"] for r in record["training"] if r["model"] == "seed" and r["batch"] == best["best"]["batch"]} \
         >= {v.name for v in steps.EAGER_VARIANTS}
     for r in (r for r in record["training"] if "skipped" in r):
-        first = next(x for x in timed(record) if (x["model"], x["variant"], x["batch"]) == (r["model"], r["variant"], 2))
-        assert first.get("rough") is True and re.fullmatch(r"\d+x slower than \S+ at batch 2", r["skipped"])
+        if r["skipped"].startswith("its "):  # its dtype's ceiling is below what another variant reached there
+            assert re.fullmatch(r"its bf16 GEMM ceiling [\d.]+ GFLOP/s is below the [\d.]+ \S+ reached", r["skipped"])
+            reached = max(x["flops_per_s"] for x in timed(record) if (x["model"], x["batch"]) == (r["model"], r["batch"]))
+            assert record["ceiling"][r["dtype"]]["passes"][0]["flops"] < reached
+        else:  # over SLOW_FACTOR slower at the first batch
+            first = next(x for x in timed(record) if (x["model"], x["variant"], x["batch"]) == (r["model"], r["variant"], 2))
+            assert first.get("rough") is True and re.fullmatch(r"\d+x slower than \S+ at batch 2", r["skipped"])
 
 
 def test_ceiling_is_the_best_kernel_of_both_passes(record):
@@ -188,12 +193,31 @@ def test_a_variant_far_slower_than_the_fastest_is_timed_once_and_not_again(monke
     b.record["machine"] = {"cpu": "x", "threads": 2, "torch": torch.__version__, "device": "cpu"}
     b.record["plan"] = {"batches": {"seed": [10, 32]}}
     text = table.format_table(b.record)
-    untimed = [line.split() for line in text.splitlines() if "not timed" in line]
+    untimed = [line.split() for line in text.splitlines() if "not timed:" in line]
     assert [words[:5] for words in untimed] == [["seed", "1.0", "32", "bf16", "bf16"],
                                                 ["seed", "1.0", "32", "bf16+channels_last", "bf16"]]
     assert all(" ".join(words[5:]) == "not timed: 10x slower than fp32 at batch 10" for words in untimed)
     assert text.count("(one step, not repeated)") == 2
-    assert "precision=auto, seed at batch 32: fp32 (the other precision was over 5x slower at the first batch" in text
+    assert "precision=auto, seed at batch 32: fp32 (the other precision was not timed at this batch: see its row" in text
+
+
+def test_a_dtype_whose_ceiling_is_below_a_reached_step_is_not_timed(monkeypatch):
+    calls = []
+
+    def fake(width, heads, batch, variant, device, warmup, steps_, min_time_s, cfg, slow_after_s=None):
+        calls.append(variant.name)
+        return {"variant": variant.name, "dtype": "bf16" if variant.bf16 else "fp32", "channels_last": variant.channels_last,
+                "compile": False, "batch": batch, "step_s": 1.0, "samples_per_s": batch, "flops_per_s": 5e10}
+
+    monkeypatch.setattr(runner, "time_training", fake)
+    b = runner.Bench.__new__(runner.Bench)
+    b.cfg, b.device, b.say = Config(), torch.device("cpu"), lambda text: None
+    b.plan = runner.Plan(models={"seed": (1.0, HEADS)}, batches={"seed": (10,)}, compile_models=())
+    b.first_ceiling = {"fp32": 1e11, "bf16": 2e10}  # bf16 GEMMs cannot reach the 50 GFLOP/s fp32 steps reach
+    rows = b.training()
+    assert calls == ["fp32", "channels_last"]
+    assert [r["skipped"] for r in rows if "skipped" in r] == [
+        "its bf16 GEMM ceiling 20.0 GFLOP/s is below the 50.0 fp32 reached"] * 2
 
 
 def test_rough_rows_are_one_warm_up_step():

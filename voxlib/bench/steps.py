@@ -64,8 +64,8 @@ EAGER_VARIANTS = (
 def auto_choices(rows: list[dict], channels_last: bool) -> dict[tuple[str, int], str]:
     """{(model, batch): what precision=auto picks}, from the eager fp32 and bf16 rows in the
     configured memory format, by the rule training uses (``precision.choose``). Where one dtype was
-    not timed at that batch because it was ``SLOW_FACTOR`` slower at the first batch (a ``skipped``
-    row), auto picks the other."""
+    not timed at that batch because it could not be the faster (a ``skipped`` row: ``SLOW_FACTOR``
+    slower at the first batch, or a GEMM ceiling below what the other reached), auto picks the other."""
     out = {}
     for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
         speeds = _auto_pair(rows, model, batch, channels_last)
