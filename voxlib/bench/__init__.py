@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m voxlib.bench --quick                  # make bench: about 4 minutes on a 2-core CPU
+    python -m voxlib.bench --quick                  # make bench: 2-9 minutes on a 2-core CPU
     python -m voxlib.bench                          # more repeats, batch sizes, compile for both widths
     python -m voxlib.bench --parity                 # bf16 vs fp32 accuracy on the demo corpus, seeds 0, 1, 2
     python -m voxlib.bench --device cuda --epoch-utterances 20000

@@ -40,7 +40,7 @@ TARGET_CACHE_SPEEDUP = 3.0  # feature-cache build against the plain librosa loop
 
 @dataclass
 class Plan:
-    """Sizes and repeats of one bench run; ``quick()`` fits about 4 minutes on a 2-core CPU."""
+    """Sizes and repeats of one bench run; ``quick()`` takes 2-9 minutes on a 2-core CPU (docs/benchmark.md)."""
 
     gemm_squares: tuple[int, ...] = (1024, 2048, 4096)  # plus the GEMM shapes of each model's layers
     gemm_repeats: int = 5
@@ -370,7 +370,7 @@ def parser() -> argparse.ArgumentParser:
     from voxlib.cli import make_parser
 
     def own(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--quick", action="store_true", help="fewer repeats and sizes: about 3-4 minutes on 2 CPU cores")
+        p.add_argument("--quick", action="store_true", help="fewer repeats and sizes: 2-9 minutes on 2 CPU cores")
         p.add_argument("--out", default="", help="folder for <timestamp>.json (default OUTPUTS/bench)")
         p.add_argument("--epoch-utterances", type=int, default=DEFAULT_EPOCH_UTTERANCES,
                        help="utterances per epoch for the seed protocol's wall-time estimate")
