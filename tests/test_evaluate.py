@@ -207,6 +207,21 @@ def test_plots_return_closed_figures_with_expected_axes(tmp_path):
     assert figures["recall"][0].axes[0].get_xscale() == "log"
 
 
+def test_accuracy_curves_draw_chance_and_majority_once_each_or_merged(tmp_path):
+    run = load_run(make_run_folder(tmp_path / "a"))
+    table = accuracy_table(run)
+
+    def baseline_labels(baselines):
+        fig = plots.learning_curves(learning_curves(run, "acc"), "accuracy", baselines=baselines)
+        return [sorted(line.get_label() for line in ax.get_lines() if line.get_label().startswith(("chance", "majority")))
+                for ax in fig.axes]
+
+    apart = table.assign(majority=table["chance"] + 0.2)
+    assert all(labels == ["chance", "majority (seen_val)"] for labels in baseline_labels(apart))
+    equal = table.assign(majority=table["chance"])  # balanced classes: two lines would hide each other
+    assert all(labels == ["chance = majority (seen_val)"] for labels in baseline_labels(equal))
+
+
 def test_epoch_axes_tick_whole_epochs_only(tmp_path):
     run = load_run(make_run_folder(tmp_path / "a", epochs=2))  # matplotlib alone would tick 1.0, 1.2, ...
     fig = plots.learning_curves(learning_curves(run, "acc"), "accuracy")

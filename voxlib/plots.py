@@ -117,7 +117,10 @@ def learning_curves(curves: pd.DataFrame, ylabel: str = "cross-entropy",
         rows = baselines[baselines["head"] == head] if baselines is not None else pd.DataFrame()
         if len(rows):
             row = rows[rows["split"] == "seen_val"].iloc[0] if (rows["split"] == "seen_val").any() else rows.iloc[0]
-            if accuracy:
+            if accuracy and np.isclose(row["majority"], row["chance"]):  # balanced classes: one line, both names
+                ax.axhline(row["chance"], color="0.35", linestyle="--", linewidth=1,
+                           label=f"chance = majority ({row['split']})")
+            elif accuracy:
                 ax.axhline(row["majority"], color="0.35", linestyle="--", linewidth=1,
                            label=f"majority ({row['split']})")
                 ax.axhline(row["chance"], color="0.35", linestyle=":", linewidth=1, label="chance")
