@@ -148,7 +148,7 @@ def test_a_pooled_folder_is_reported_pooled_with_its_interval(tiny_corpus, tmp_p
     page = (report.run_dir / "reports" / "03_birthplace.html").read_text()
     assert "Pooled over folds and seeds" in page and "unseen_low" in page
     assert "pooled over 2 runs, each fitted on its own split" in page  # the reference baselines
-    assert f"{round(unseen['accuracy'] * 100):.0f}% [{round(unseen['low'] * 100):.0f}%" in page
+    assert f"{unseen['accuracy']:.1%} [{unseen['low']:.1%}" in page  # the verdict: percent with one decimal
     assert "fold0" in (report.run_dir / "reports" / "02_train.html").read_text()
 
 
