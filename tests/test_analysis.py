@@ -27,6 +27,7 @@ from voxlib.analysis import (
     verdict_markdown,
 )
 from voxlib.evaluate import RunError, load_run
+from voxlib.text import percent
 
 
 def _lines_with(lines, text):
@@ -89,7 +90,9 @@ def test_head_that_follows_the_speaker_head_uses_identity(tmp_path):
     assert table.loc["seen", "agreement"] == pytest.approx(1.0)
     lines = verdict(run)
     assert not _lines_with(lines, "under-uses identity")
-    assert _lines_with(lines, "it uses what identity tells it")
+    seen = percent(table.loc["seen", "accuracy"])
+    assert _lines_with(lines, f"birthplace head reaches {seen} on seen speakers, within 15% of speaker→birthplace "
+                              f"({percent(table.loc['seen', 'through_speaker'])}): it uses what identity tells it")
 
 
 def test_identity_comparison_needs_a_speaker_head_that_learned(tmp_path):

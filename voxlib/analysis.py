@@ -683,8 +683,8 @@ def verdict_from_measures(m: dict) -> list[str]:
             lines.append(f"{head} head reaches {_pct(h)} on seen speakers while speaker→{head} gives {_pct(t)}: "
                          "the head under-uses identity")
         elif h >= t - IDENTITY_GAP:
-            lines.append(f"{head} head reaches {_pct(h)} on seen speakers, as much as speaker→{head} ({_pct(t)}): "
-                         "it uses what identity tells it")
+            lines.append(f"{head} head reaches {_pct(h)} on seen speakers, within {IDENTITY_GAP:.0%} of "
+                         f"speaker→{head} ({_pct(t)}): it uses what identity tells it")
     if ok("accuracy_seen", "accuracy_unseen") and m["gap"] >= MEMORISATION_GAP:
         said = (f"{head} reaches {_pct(m['accuracy_seen'])} on held-out utterances of training speakers but "
                 f"{_pct(m['accuracy_unseen'])} on unseen speakers")
