@@ -34,7 +34,6 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
 from voxlib.corpora.labels import too_few_speakers
-from voxlib.text import percent
 from voxlib.evaluate import (
     HELD_OUT_SPLITS,
     SEEN_SPLITS,
@@ -51,6 +50,7 @@ from voxlib.evaluate import (
     scored,
     scores,
 )
+from voxlib.text import percent
 
 GROUPS = {"seen": SEEN_SPLITS, "unseen": UNSEEN_SPLITS}
 STANDARD_COLUMNS = {"row", "path", "rel_path", "speaker", "birthplace", "sex", "split", "start", "end"}
@@ -619,10 +619,6 @@ def _pooled_keys(pooled, head: str, per_seen: pd.Series) -> dict:
             "gap_se": float(np.hypot(clustered_se(per_seen), se_unseen))}
 
 
-def _pct(x: float) -> str:
-    return percent(x)
-
-
 def _beyond_noise(difference: float, se: float | None) -> bool:
     """True when a difference exceeds EVIDENCE_Z speaker-clustered standard errors."""
     return se is not None and not math.isnan(se) and difference >= EVIDENCE_Z * se
@@ -644,20 +640,20 @@ def verdict_from_measures(m: dict) -> list[str]:
     if m.get("confounded"):  # before any other explanation: every number below may be about the channel
         causes += 1
         lines.append(f"{head} is confounded with recording conditions: a classifier on recording conditions alone "
-                     f"(no speech content) reaches balanced accuracy {_pct(m['confound_balanced_accuracy'])} "
-                     f"[{_pct(m['confound_low'])}, {_pct(m['confound_high'])}] on held-out speakers vs "
-                     f"{_pct(m['confound_chance'])} for the majority class (most tied: {m['confound_strongest']}); "
+                     f"(no speech content) reaches balanced accuracy {percent(m['confound_balanced_accuracy'])} "
+                     f"[{percent(m['confound_low'])}, {percent(m['confound_high'])}] on held-out speakers vs "
+                     f"{percent(m['confound_chance'])} for the majority class (most tied: {m['confound_strongest']}); "
                      f"what the model learned about {head} may be the recording set-up, so read what follows with "
                      "that confound in mind")
     if m.get("pooled"):
-        seen_spread = (f" ± {_pct(m['seen_std'])} over {m['seeds']} seeds" if m["seeds"] > 1 and
+        seen_spread = (f" ± {percent(m['seen_std'])} over {m['seeds']} seeds" if m["seeds"] > 1 and
                        not math.isnan(m["seen_std"]) else "")
-        fold_spread = f", per-fold spread ±{_pct(m['fold_std'])}" if not math.isnan(m["fold_std"]) else ""
+        fold_spread = f", per-fold spread ±{percent(m['fold_std'])}" if not math.isnan(m["fold_std"]) else ""
         lines.append(f"unseen-speaker {head} is pooled over {m['folds']} folds x {m['seeds']} seed(s), every "
-                     f"eligible speaker unseen once: {_pct(m['accuracy_unseen'])} [{_pct(m['unseen_low'])}, "
-                     f"{_pct(m['unseen_high'])}] ({m['unseen_level']:.0%} interval resampled over "
+                     f"eligible speaker unseen once: {percent(m['accuracy_unseen'])} [{percent(m['unseen_low'])}, "
+                     f"{percent(m['unseen_high'])}] ({m['unseen_level']:.0%} interval resampled over "
                      f"{m['speakers_unseen']} speakers{fold_spread}); seen speakers "
-                     f"{_pct(m['accuracy_seen'])}{seen_spread}")
+                     f"{percent(m['accuracy_seen'])}{seen_spread}")
     if m.get("too_few_for_unseen"):
         lines.append(f"{len(m['too_few_for_unseen'])} {head} class(es) have fewer than {m['unseen_min_speakers']} "
                      f"speakers and are never among the unseen speakers, so the unseen-speaker numbers say nothing "
@@ -676,18 +672,18 @@ def verdict_from_measures(m: dict) -> list[str]:
         h, t = m["accuracy_seen"], m["through_speaker_seen"]
         floor = max(m["majority_seen"], m["chance"])
         if t - floor < SIGNAL_MARGIN:
-            lines.append(f"speaker→{head} gives only {_pct(t)} on seen speakers (baseline {_pct(floor)}): the "
+            lines.append(f"speaker→{head} gives only {percent(t)} on seen speakers (baseline {percent(floor)}): the "
                          f"speaker head has not learned identity well enough to tell whether the {head} head uses it")
         elif t - h >= IDENTITY_GAP:
             causes += 1
-            lines.append(f"{head} head reaches {_pct(h)} on seen speakers while speaker→{head} gives {_pct(t)}: "
+            lines.append(f"{head} head reaches {percent(h)} on seen speakers while speaker→{head} gives {percent(t)}: "
                          "the head under-uses identity")
         elif h >= t - IDENTITY_GAP:
-            lines.append(f"{head} head reaches {_pct(h)} on seen speakers, within {IDENTITY_GAP:.0%} of "
-                         f"speaker→{head} ({_pct(t)}): it uses what identity tells it")
+            lines.append(f"{head} head reaches {percent(h)} on seen speakers, within {IDENTITY_GAP:.0%} of "
+                         f"speaker→{head} ({percent(t)}): it uses what identity tells it")
     if ok("accuracy_seen", "accuracy_unseen") and m["gap"] >= MEMORISATION_GAP:
-        said = (f"{head} reaches {_pct(m['accuracy_seen'])} on held-out utterances of training speakers but "
-                f"{_pct(m['accuracy_unseen'])} on unseen speakers")
+        said = (f"{head} reaches {percent(m['accuracy_seen'])} on held-out utterances of training speakers but "
+                f"{percent(m['accuracy_unseen'])} on unseen speakers")
         if _beyond_noise(m["gap"], m.get("gap_se")):
             causes += 1
             lines.append(f"{said}: the head memorises speakers rather than hearing {head}")
@@ -697,22 +693,22 @@ def verdict_from_measures(m: dict) -> list[str]:
     if ok("accuracy_unseen", "majority_unseen"):
         u = m["accuracy_unseen"]
         name, base = max(("majority", m["majority_unseen"]), ("chance", m["chance"]), key=lambda nb: nb[1])
-        interval = f" [{_pct(m['unseen_low'])}, {_pct(m['unseen_high'])}]" if m.get("pooled") else ""
+        interval = f" [{percent(m['unseen_low'])}, {percent(m['unseen_high'])}]" if m.get("pooled") else ""
         if u - base < SIGNAL_MARGIN:
             causes += 1
-            lines.append(f"on unseen speakers {_pct(u)}{interval} vs {name} {_pct(base)}: little {head} signal "
+            lines.append(f"on unseen speakers {percent(u)}{interval} vs {name} {percent(base)}: little {head} signal "
                          "generalises")
         elif m.get("pooled") and m["unseen_low"] > base:
-            lines.append(f"on unseen speakers {_pct(u)}{interval} vs {name} {_pct(base)}: the whole interval is "
+            lines.append(f"on unseen speakers {percent(u)}{interval} vs {name} {percent(base)}: the whole interval is "
                          f"above {name}, so some {head} signal generalises to new speakers")
         elif m.get("pooled"):
-            lines.append(f"on unseen speakers {_pct(u)}{interval} vs {name} {_pct(base)}, but the interval "
+            lines.append(f"on unseen speakers {percent(u)}{interval} vs {name} {percent(base)}, but the interval "
                          f"reaches {name}: the evidence is mixed")
         elif _beyond_noise(u - base, m.get("se_unseen")):
-            lines.append(f"on unseen speakers {_pct(u)} vs {name} {_pct(base)}: some {head} signal generalises "
+            lines.append(f"on unseen speakers {percent(u)} vs {name} {percent(base)}: some {head} signal generalises "
                          "to new speakers")
         else:
-            lines.append(f"on unseen speakers {_pct(u)} vs {name} {_pct(base)}, but unseen speakers differ too much "
+            lines.append(f"on unseen speakers {percent(u)} vs {name} {percent(base)}, but unseen speakers differ too much "
                          f"{_spread(m.get('se_unseen'))} to call it signal: the evidence is mixed")
     if m["n_classes"] and m["n_small_classes"] / m["n_classes"] >= SMALL_CLASS_SHARE:
         causes += 1
@@ -721,32 +717,32 @@ def verdict_from_measures(m: dict) -> list[str]:
     if ok("accuracy_unseen", "balanced_accuracy_unseen") and \
             m["accuracy_unseen"] - m["balanced_accuracy_unseen"] >= IMBALANCE_GAP:
         causes += 1
-        lines.append(f"plain accuracy {_pct(m['accuracy_unseen'])} vs balanced {_pct(m['balanced_accuracy_unseen'])} "
+        lines.append(f"plain accuracy {percent(m['accuracy_unseen'])} vs balanced {percent(m['balanced_accuracy_unseen'])} "
                      "on unseen speakers: the head leans on the large classes")
     if ok("coarse", "errors_within_unseen", "errors_within_expected_unseen") and \
             m["errors_within_unseen"] - m["errors_within_expected_unseen"] >= ROLLUP_GAIN:
         c = m["coarse"]
-        lines.append(f"{_pct(m['errors_within_unseen'])} of the errors on unseen speakers stay within the true {c} "
-                     f"vs {_pct(m['errors_within_expected_unseen'])} if errors were random (at {c} level "
-                     f"{_pct(m['coarse_accuracy_unseen'])}, majority {_pct(m['coarse_majority_unseen'])}): "
+        lines.append(f"{percent(m['errors_within_unseen'])} of the errors on unseen speakers stay within the true {c} "
+                     f"vs {percent(m['errors_within_expected_unseen'])} if errors were random (at {c} level "
+                     f"{percent(m['coarse_accuracy_unseen'])}, majority {percent(m['coarse_majority_unseen'])}): "
                      "the confusions are between neighbours")
     if ok("probe_accuracy", "probe_head_accuracy"):
         p, h = m["probe_accuracy"], m["probe_head_accuracy"]
         base = max(m["probe_majority"], m["chance"])
         if p - h >= PROBE_MARGIN and _beyond_noise(p - h, m.get("probe_difference_se")):
             causes += 1
-            lines.append(f"the linear probe reaches {_pct(p)} on unseen speakers vs {_pct(h)} for the head: "
+            lines.append(f"the linear probe reaches {percent(p)} on unseen speakers vs {percent(h)} for the head: "
                          "the information is in the trunk; the head or its training is the problem")
         elif p - h >= PROBE_MARGIN:
-            lines.append(f"the linear probe reaches {_pct(p)} on unseen speakers vs {_pct(h)} for the head, but the "
+            lines.append(f"the linear probe reaches {percent(p)} on unseen speakers vs {percent(h)} for the head, but the "
                          f"difference varies too much between speakers {_spread(m.get('probe_difference_se'))}: "
                          "the evidence that the trunk holds more is mixed")
         elif p - base < SIGNAL_MARGIN:
             causes += 1
-            lines.append(f"the linear probe reaches only {_pct(p)} on unseen speakers (baseline {_pct(base)}): "
+            lines.append(f"the linear probe reaches only {percent(p)} on unseen speakers (baseline {percent(base)}): "
                          f"the trunk holds little {head} information that transfers to new speakers")
         else:
-            lines.append(f"the linear probe ({_pct(p)}) and the head ({_pct(h)}) agree on unseen speakers: "
+            lines.append(f"the linear probe ({percent(p)}) and the head ({percent(h)}) agree on unseen speakers: "
                          "the head uses what the trunk holds")
     if ok("loss_relative_change"):
         z, k = m["loss_relative_change"], m["loss_window"]
@@ -763,14 +759,14 @@ def verdict_from_measures(m: dict) -> list[str]:
                          "unlikely to help")
     if ok("gradient_share"):
         w, equal = m["gradient_share"], 1.0 / m["n_heads"]
-        other = (f" vs {_pct(m['gradient_share_speaker'])} for speaker"
+        other = (f" vs {percent(m['gradient_share_speaker'])} for speaker"
                  if ok("gradient_share_speaker") and head != "speaker" else "")
         if w < LOW_GRADIENT_SHARE * equal:
             causes += 1
-            lines.append(f"{head} receives {_pct(w)} of the gradient reaching the trunk{other}: it has little say "
+            lines.append(f"{head} receives {percent(w)} of the gradient reaching the trunk{other}: it has little say "
                          "in what the trunk learns")
         else:
-            lines.append(f"{head} receives {_pct(w)} of the gradient reaching the trunk{other}: "
+            lines.append(f"{head} receives {percent(w)} of the gradient reaching the trunk{other}: "
                          "it is not starved of gradient")
     if not causes:
         lines.append("the evidence is mixed: none of the tested explanations is clearly supported by these numbers")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from voxlib.config import GROUPS, Config, ConfigError, _field_type, field_info
 from voxlib.signals import Terminated
-from voxlib.text import one_line
+from voxlib.text import one_line, percent
 
 METAVARS = {str: "TEXT", int: "INT", float: "NUMBER"}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -325,12 +325,12 @@ def pooled_summary_lines(run_dir: Path) -> str:
         parts = []
         if "seen" in entry:
             seen = entry["seen"]
-            spread = f" ± {seen['std']:.1%} over seeds" if seen.get("std") is not None else ""
-            parts.append(f"seen {seen['accuracy']:.1%}{spread} (majority {seen['majority']:.1%})")
+            spread = f" ± {percent(seen['std'])} over seeds" if seen.get("std") is not None else ""
+            parts.append(f"seen {percent(seen['accuracy'])}{spread} (majority {percent(seen['majority'])})")
         if "unseen" in entry and "low" in entry["unseen"]:
             u = entry["unseen"]
-            parts.append(f"unseen {u['accuracy']:.1%} [{u['low']:.1%}, {u['high']:.1%}] over {u['speakers']} "
-                         f"speakers (majority {u['majority']:.1%})")
+            parts.append(f"unseen {percent(u['accuracy'])} [{percent(u['low'])}, {percent(u['high'])}] over "
+                         f"{u['speakers']} speakers (majority {percent(u['majority'])})")
         lines.append(f"  {head:<12} " + "; ".join(parts))
     index = run_dir / "reports" / "index.html"
     lines.append(f"report: {index}" if index.is_file()
@@ -362,7 +362,7 @@ def training_summary(run_dir: str | Path) -> str:
         parts = []
         for r in table[table["head"] == head].itertuples(index=False):
             verdict = "above" if r.accuracy > r.majority else "NOT above"
-            parts.append(f"{r.split} {r.accuracy:.1%} ({verdict} majority {r.majority:.1%}, n={r.n})")
+            parts.append(f"{r.split} {percent(r.accuracy)} ({verdict} majority {percent(r.majority)}, n={r.n})")
         lines.append(f"  {head:<12} " + "; ".join(parts))
     index = run.path / "reports" / "index.html"
     lines.append(f"report: {index}" if index.is_file()

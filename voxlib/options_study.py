@@ -19,6 +19,7 @@ import pandas as pd
 
 from voxlib import runfolder
 from voxlib.config import Config
+from voxlib.text import percent
 
 # name -> the settings that differ from the default run
 OPTIONS = {
@@ -83,7 +84,7 @@ def markdown(table: pd.DataFrame) -> str:
     shares = [c for c in table.columns if c.startswith(("speaker", "birthplace", "sex"))]
     text = table.copy()
     for column in shares:
-        text[column] = [f"{100 * v:.1f}%" for v in table[column]]
+        text[column] = [percent(v) for v in table[column]]
     text["train s"] = [f"{v:.0f}" for v in table["train s"]]
     header = "| " + " | ".join(text.columns) + " |\n|" + "---|" * len(text.columns) + "\n"
     return header + "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in text.itertuples(index=False))

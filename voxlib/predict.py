@@ -43,6 +43,7 @@ from voxlib.data import eval_crops_of, encode_targets
 from voxlib.distributed import pick_device
 from voxlib.inference import crop_averaged
 from voxlib.model import load_discriminator
+from voxlib.text import percent
 
 log = logging.getLogger("voxlib.predict")  # not __name__: "__main__" under python -m
 
@@ -315,8 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = evaluate_manifest(clf, args.manifest, out_dir, args.batch_size, embeddings=bool(args.embeddings))
         scores = pd.read_csv(folder / runfolder.SCORES)
         for r in scores.itertuples():
-            print(f"{r.head} ({r.split}, {r.n} utterances): accuracy {100 * r.accuracy:.1f}% "
-                  f"(majority {100 * r.majority:.1f}%, chance {100 * r.chance:.1f}%)")
+            print(f"{r.head} ({r.split}, {r.n} utterances): accuracy {percent(r.accuracy)} "
+                  f"(majority {percent(r.majority)}, chance {percent(r.chance)})")
         print(folder)
         return 0
     for target in (args.out, args.embeddings):

@@ -40,6 +40,7 @@ from voxlib.config import Config, ConfigError, field_info
 from voxlib.notebook import PATH_FIELDS
 from voxlib import runfolder
 from voxlib.runfolder import default_run_dir
+from voxlib.text import percent
 
 NOTEBOOKS = ("01_explore", "02_train", "03_birthplace")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding voxlib/
@@ -352,8 +353,9 @@ def headline_html(report: Report) -> str:
         beats = "yes" if r.accuracy > r.majority else "no"
         rows.append(
             f"<tr><td>{esc(str(r.head))}</td><td>{esc(str(r.split))}</td><td>{r.n}</td>"
-            f"<td><b>{r.accuracy:.1%}</b></td><td>{r.majority:.1%} ({esc(str(r.majority_class))})</td>"
-            f"<td>{r.chance:.1%}</td><td>{r.balanced_accuracy:.1%}</td><td>{r.top3:.1%}</td><td>{beats}</td></tr>")
+            f"<td><b>{percent(r.accuracy)}</b></td><td>{percent(r.majority)} ({esc(str(r.majority_class))})</td>"
+            f"<td>{percent(r.chance)}</td><td>{percent(r.balanced_accuracy)}</td><td>{percent(r.top3)}</td>"
+            f"<td>{beats}</td></tr>")
     seconds = training_seconds(report.run_dir)
     wall = f"<p>Training wall time (from metrics.csv): {seconds / 60:.1f} min.</p>" if seconds else ""
     return (
@@ -379,7 +381,7 @@ def pooled_headline_html(report: Report) -> str:
     config = pooled.experiment["config"]
 
     def pct(value) -> str:
-        return "" if value is None or value != value else f"{value:.1%}"
+        return "" if value is None or value != value else percent(value)
 
     rows = []
     for r in pooled_table(pooled.summary).itertuples(index=False):

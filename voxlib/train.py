@@ -614,7 +614,7 @@ def epoch_line(epoch: int, epochs: int, rows: list[tuple], heads: list[str], sec
     """One labelled progress line: full head names, seen-speaker validation accuracy (else train)."""
     acc = {(s, h): v for _, s, h, m, v in rows if m == "acc"}
     split = "seen_val" if any(s == "seen_val" for s, _ in acc) else "train"
-    parts = ", ".join(f"{h} {100 * acc[(split, h)]:.1f}%" for h in heads if (split, h) in acc)
+    parts = ", ".join(f"{h} {text.percent(acc[(split, h)])}" for h in heads if (split, h) in acc)
     loss = next(v for _, s, h, m, v in rows if (s, h, m) == ("train", "all", "loss"))
     return f"epoch {epoch}/{epochs} ({seconds:.0f} s): train loss {loss:.3f}; {split} accuracy: {parts}"
 
