@@ -174,7 +174,7 @@ def test_a_variant_far_slower_than_the_fastest_is_timed_once_and_not_again(monke
     b.cfg, b.device = Config(), torch.device("cpu")
     b.plan = runner.Plan(models={"seed": (1.0, HEADS)}, batches={"seed": (10, 32)}, compile_models=())
     b.say = lambda text: None
-    rows = b.training()
+    rows = b.training({})
     # at batch 10 every variant after the first is bounded by steps.SLOW_FACTOR x the fastest so far
     assert calls[:4] == [(10, "fp32", None), (10, "channels_last", steps.SLOW_FACTOR * 1.0),
                          (10, "bf16", steps.SLOW_FACTOR * 1.0), (10, "bf16+channels_last", steps.SLOW_FACTOR * 1.0)]
@@ -213,8 +213,7 @@ def test_a_dtype_whose_ceiling_is_below_a_reached_step_is_not_timed(monkeypatch)
     b = runner.Bench.__new__(runner.Bench)
     b.cfg, b.device, b.say = Config(), torch.device("cpu"), lambda text: None
     b.plan = runner.Plan(models={"seed": (1.0, HEADS)}, batches={"seed": (10,)}, compile_models=())
-    b.first_ceiling = {"fp32": 1e11, "bf16": 2e10}  # bf16 GEMMs cannot reach the 50 GFLOP/s fp32 steps reach
-    rows = b.training()
+    rows = b.training({"fp32": 1e11, "bf16": 2e10})  # bf16 GEMMs cannot reach the 50 GFLOP/s fp32 steps reach
     assert calls == ["fp32", "channels_last"]
     assert [r["skipped"] for r in rows if "skipped" in r] == [
         "its bf16 GEMM ceiling 20.0 GFLOP/s is below the 50.0 fp32 reached"] * 2

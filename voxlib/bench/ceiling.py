@@ -80,9 +80,9 @@ def time_gemm(library: str, shape: tuple[int, int, int], dtype: torch.dtype, rep
     t0 = time.perf_counter()
     run()
     sync(device)
-    best = time.perf_counter() - t0
-    if best > GEMM_SLOW_S:  # a slow kernel (bf16 without native support): its one call is its number
-        return 2 * m * n * k / best
+    warmup_s = time.perf_counter() - t0
+    if warmup_s > GEMM_SLOW_S:  # a slow kernel (bf16 without native support): its one call is its number
+        return 2 * m * n * k / warmup_s
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()

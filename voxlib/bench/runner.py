@@ -141,8 +141,7 @@ class Bench:
         with training_settings(self.cfg, self.device):
             self.record["machine"]["threads"] = torch.get_num_threads()
             first = self.ceilings("before training", {d: self.ceiling_kernels() for d in DTYPES})
-            self.first_ceiling = {d: c["flops"] for d, c in first.items()}
-            self.record["training"] = self.training()
+            self.record["training"] = self.training({d: c["flops"] for d, c in first.items()})
             # a burst of load during the first pass must not lower the ceiling: its best kernels again
             again = {d: [(k["library"], k["shape"]) for k in sorted(
                 (k for k in first[d]["kernels"] if k["flops"]), key=lambda k: -k["flops"])[:CEILING_RETIMED]]
@@ -192,37 +191,41 @@ class Bench:
                  f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s{extra}")
         return r
 
-    def measure_all(self, model: str, batch: int, variants, rows: list[dict]) -> list[dict]:
+    def measure_all(self, model: str, batch: int, variants, rows: list[dict], ceiling: dict[str, float],
+                    not_again: dict[str, str] | None = None) -> list[dict]:
         """Each variant at one batch, the fastest step so far bounding the slow ones.
 
-        A variant whose dtype's GEMM ceiling (first pass) is below the FLOP/s another variant already
-        reached at this model and batch cannot be faster than it, and is not timed (bf16 emulated in
-        software: a 22 GFLOP/s ceiling against fp32 steps at 95, and 95 s for one seed-width step).
+        A variant is not timed, and its row says why, when it cannot be the fastest: it is in
+        ``not_again`` (over SLOW_FACTOR slower at the first batch), or its dtype's GEMM ceiling (first
+        pass) is below the FLOP/s another variant already reached at this model and batch (bf16
+        emulated in software: a 22 GFLOP/s ceiling against fp32 steps at 95, and 95 s for one
+        seed-width step).
         """
         out = []
         for variant in variants:
             done = [r for r in rows + out if r["model"] == model and r["batch"] == batch
                     and "step_s" in r and not r.get("rough")]
             dtype = "bf16" if variant.bf16 else "fp32"
-            top = max(done, key=lambda r: r["flops_per_s"], default=None)
-            ceiling = self.first_ceiling.get(dtype) if getattr(self, "first_ceiling", None) else None
-            if top is not None and ceiling is not None and ceiling < top["flops_per_s"]:
-                width = self.plan.models[model][0]
-                reason = (f"its {dtype} GEMM ceiling {ceiling / 1e9:.1f} GFLOP/s is below the "
+            top = max(done, key=lambda r: r["flops_per_s"], default=None)  # same model: the fastest step
+            reason = (not_again or {}).get(variant.name)
+            if reason is None and top is not None and dtype in ceiling and ceiling[dtype] < top["flops_per_s"]:
+                reason = (f"its {dtype} GEMM ceiling {ceiling[dtype] / 1e9:.1f} GFLOP/s is below the "
                           f"{top['flops_per_s'] / 1e9:.1f} {top['variant']} reached")
-                out.append({"model": model, "width": width, "variant": variant.name, "dtype": dtype,
-                            "channels_last": variant.channels_last, "compile": variant.compile, "batch": batch,
-                            "skipped": reason})
-                self.say(f"{model} batch {batch} {variant.name}: not timed ({reason})")
+            if reason is None:
+                out.append(self.measure(model, batch, variant, top["step_s"] if top else None))
                 continue
-            out.append(self.measure(model, batch, variant, top["step_s"] if top else None))
+            out.append({"model": model, "width": self.plan.models[model][0], "variant": variant.name, "dtype": dtype,
+                        "channels_last": variant.channels_last, "compile": variant.compile, "batch": batch,
+                        "skipped": reason})
+            self.say(f"{model} batch {batch} {variant.name}: not timed ({reason})")
         return out
 
-    def training(self) -> list[dict]:
+    def training(self, ceiling: dict[str, float]) -> list[dict]:
+        """Training rows of every model; ``ceiling``: the first pass's GEMM ceiling per dtype."""
         rows = []
         for model in self.plan.models:
             batches = self.plan.batches[model]
-            at10 = self.measure_all(model, batches[0], EAGER_VARIANTS, rows)
+            at10 = self.measure_all(model, batches[0], EAGER_VARIANTS, rows, ceiling)
             rows += at10
             fastest = max((r for r in at10 if "step_s" in r), key=lambda r: r["samples_per_s"])
             base = next(v for v in EAGER_VARIANTS if v.name == fastest["variant"])
@@ -230,16 +233,10 @@ class Bench:
             rows += search[1:]
             best = max((r for r in search if "step_s" in r), key=lambda r: r["samples_per_s"])
             if best["batch"] != batches[0]:
-                # a variant that was SLOW_FACTOR slower at the first batch is not timed again
-                slow = {r["variant"]: r for r in at10 if r.get("rough")}
-                again = [v for v in EAGER_VARIANTS if v is not base and v.name not in slow]
-                rows += self.measure_all(model, best["batch"], again, rows + [best])
-                for name, r in slow.items():
-                    factor = fastest["samples_per_s"] / r["samples_per_s"]
-                    rows.append({**{k: r[k] for k in ("model", "width", "variant", "dtype", "channels_last", "compile")},
-                                 "batch": best["batch"], "skipped": f"{factor:.0f}x slower than {fastest['variant']} "
-                                                                   f"at batch {batches[0]}"})
-                    self.say(f"{model} batch {best['batch']} {name}: not timed ({rows[-1]['skipped']})")
+                slow = {r["variant"]: f"{fastest['samples_per_s'] / r['samples_per_s']:.0f}x slower than "
+                                      f"{fastest['variant']} at batch {batches[0]}" for r in at10 if r.get("rough")}
+                rows += self.measure_all(model, best["batch"], [v for v in EAGER_VARIANTS if v is not base],
+                                         rows + [best], ceiling, slow)
             if model in self.plan.compile_models:
                 ok = [r for r in rows if r["model"] == model and r["batch"] == best["batch"] and "step_s" in r]
                 top = max(ok, key=lambda r: r["samples_per_s"])
