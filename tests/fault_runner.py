@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import voxlib.fileio as fileio
+import voxlib.record as record
 import voxlib.train as train
 
 
@@ -25,7 +26,7 @@ def main() -> int:
         time.sleep(120)
 
     if kind == "step":
-        train.FAULT_HOOKS.append(lambda p, detail: pause(f"before step {detail}") if (p, detail) == ("step", target) else None)
+        record.FAULT_HOOKS.append(lambda p, detail: pause(f"before step {detail}") if (p, detail) == ("step", target) else None)
     else:
         from voxlib.checkpoint import load_checkpoint
 

@@ -63,9 +63,9 @@ def install(phase: str, marker: str) -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), os.environ.get("PYTHONPATH")]))
         os.environ["VOX_SIGNAL_TEST_MARKER"] = marker  # read by signal_site/sitecustomize.py only
     elif phase == "epoch":
-        import voxlib.train as train
+        import voxlib.record as record
 
-        train.FAULT_HOOKS.append(lambda point, detail: pause(marker) if (point, detail) == ("step", 1) else None)
+        record.FAULT_HOOKS.append(lambda point, detail: pause(marker) if (point, detail) == ("step", 1) else None)
     elif phase == "write":
         import voxlib.fileio as fileio
 

@@ -12,7 +12,8 @@ import pytest
 from voxlib import demo
 from voxlib.bench import runner
 from voxlib.cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, flag_name, make_parser, parse,
-                        parse_config, run_command, training_summary)
+                        parse_config, run_command)
+from voxlib.evaluate import training_summary
 from voxlib.config import GROUPS, Config, ConfigError, field_info, git_commit, outputs_dir
 from voxlib.corpora.__main__ import parser as corpora_parser
 from voxlib.corpora.manifest import ManifestError

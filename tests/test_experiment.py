@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import voxlib.train as train_module
+import voxlib.record as record
 from run_folder_factory import make_run_folder
 from voxlib import experiment, runfolder
 from voxlib.analysis import pooled_over_folds
 from voxlib.config import Config, ConfigError
+from voxlib.corpora.source import default_run_dir
 from voxlib.train import train
 
 FOLDS = 3
@@ -89,12 +90,12 @@ def test_an_interrupted_fold_resumes_and_ends_identical(pooled, settings, tmp_pa
         elif point == "step" and seen["fold1_epochs"] == 1:
             raise KeyboardInterrupt("stopped during fold 1, epoch 2")
 
-    train_module.FAULT_HOOKS.append(interrupt)
+    record.FAULT_HOOKS.append(interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
             train(Config(**settings, run_dir=str(run_dir)))
     finally:
-        train_module.FAULT_HOOKS.remove(interrupt)
+        record.FAULT_HOOKS.remove(interrupt)
     assert (run_dir / "fold0" / runfolder.SUMMARY).is_file()
     assert not (run_dir / "fold1" / runfolder.SUMMARY).is_file() and not (run_dir / "fold2").exists()
     assert not (run_dir / runfolder.POOLED).exists()
@@ -222,10 +223,11 @@ def test_the_verdict_uses_the_pooled_numbers_and_interval(tmp_path):
 
 
 def test_a_single_run_is_refused_in_a_pooled_folder_and_defaults_never_share_a_folder(tiny_corpus, tmp_path):
-    from voxlib.train import TrainingError, train_run
+    from voxlib.record import TrainingError
+    from voxlib.train import train_run
 
-    assert runfolder.default_run_dir(Config(folds=3)).name == runfolder.default_run_dir(Config()).name + "-folds3"
-    assert runfolder.default_run_dir(Config(folds=2, seeds=2)).name.endswith("-folds2-seeds2")
+    assert default_run_dir(Config(folds=3)).name == default_run_dir(Config()).name + "-folds3"
+    assert default_run_dir(Config(folds=2, seeds=2)).name.endswith("-folds2-seeds2")
     folder = runfolder.claim(tmp_path / "pooled")
     runfolder.write_json(folder, runfolder.EXPERIMENT, {"config": Config(folds=2).to_dict(), "members": []})
     with pytest.raises(TrainingError, match="is a pooled folder"):

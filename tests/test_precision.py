@@ -24,7 +24,7 @@ class FakeSteps:
 
     def __init__(self, work: dict[str, int]):
         self.work, self.built, self.calls = work, [], {p: 0 for p in work}
-        self.a = torch.rand(192, 192)
+        self.a = torch.rand(256, 256)
 
     def __call__(self, p: str):
         self.built.append(p)
@@ -147,3 +147,72 @@ def test_the_key_names_machine_torch_and_shape():
     fields = precision.machine_key(torch.device("cpu"))
     assert fields["torch"] == torch.__version__ and fields["threads"] == torch.get_num_threads()
     assert fields["cpu"] and len(fields["cpu_flags"]) == 16
+
+
+# --- noise -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("native", [False, True])
+def test_one_burst_of_load_neither_wins_nor_vetoes(native):
+    """The rounds' median decides, with two thirds of them agreeing: a single slowed round changes nothing."""
+    assert precision.decide([1.9, 1.8, 0.4, 1.85, 1.9], native) == ("bf16", "faster")  # burst on bf16's turn
+    assert precision.decide([0.5, 0.55, 1.6, 0.52, 0.5], native) == ("fp32", "faster")  # burst on fp32's turn
+
+
+@pytest.mark.parametrize("ratios", [[1.05, 0.97, 1.02, 1.04, 0.99],  # no real difference
+                                    [1.5, 0.7, 1.4, 0.8, 1.3],  # median clear, rounds split 3:2
+                                    [0.95, 0.7, 1.2, 0.85, 1.3]])
+def test_a_measurement_within_noise_keeps_the_cpus_native_precision(ratios):
+    for native, kept in ((True, "bf16"), (False, "fp32")):
+        chosen, reason = precision.decide(ratios, native)
+        assert chosen == kept and reason.startswith("within noise") and "native" in reason
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch):
+    for flags, native in ((["avx2", "fma"], False), (["avx512f", "avx512_bf16"], True), (["amx_bf16"], True),
+                          (["fp", "asimd", "bf16"], True)):
+        monkeypatch.setattr(precision, "cpu_model_and_flags", lambda flags=flags: ("cpu", flags))
+        assert precision.native_bf16() is native
+
+
+class BurstySteps(FakeSteps):
+    """FakeSteps whose ``burst``-th timed call of one precision runs 30x the work (a neighbour's burst)."""
+
+    def __init__(self, work, burst_on: str, burst: int):
+        super().__init__(work)
+        self.burst_on, self.burst = burst_on, burst
+
+    def __call__(self, p):
+        plain = super().__call__(p)
+
+        def step():
+            plain()
+            if p == self.burst_on and self.calls[p] == precision.WARMUP_STEPS + self.burst:
+                for _ in range(30 * self.work[p]):
+                    self.a @ self.a
+        return step
+
+
+@pytest.mark.parametrize("faster,burst_on", [("bf16", "bf16"), ("fp32", "fp32")])
+def test_a_simulated_burst_during_measurement_leaves_the_choice_and_is_recorded(tmp_path, monkeypatch, faster,
+                                                                               burst_on):
+    monkeypatch.setattr(precision, "DECIDED", float("inf"))  # every round is taken, as on a close call
+    monkeypatch.setattr(precision, "native_bf16", lambda: faster != "bf16")  # native would be the wrong pick
+    slower = "fp32" if faster == "bf16" else "bf16"
+    steps = BurstySteps({faster: 4, slower: 12}, burst_on=burst_on, burst=2)
+    choice = precision.resolve_precision(cfg_for(tmp_path), torch.device("cpu"), steps, SHAPE)
+    assert (choice.precision, choice.reason) == (faster, "faster")
+    assert len(choice.rounds) == precision.TIMED_ROUNDS
+    burst_round = choice.rounds[1]  # the faster precision's second timed step ran 30x its work
+    assert (burst_round < 1) if faster == "bf16" else (burst_round > 1)
+    record = choice.as_dict()
+    assert set(record["load"]) == {"before", "after", "cores"} and record["load"]["cores"] >= 1
+    assert record["rounds"] == choice.rounds
+    stored = json.loads((tmp_path / "cache" / "precision.json").read_text())["decisions"][choice.key]
+    assert stored["rounds"] == choice.rounds and stored["load"] == record["load"]
+
+
+def test_decisions_of_an_earlier_rule_are_measured_again(tmp_path):
+    path = tmp_path / "cache" / "precision.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"version": precision.CACHE_VERSION - 1, "decisions": {}}))
+    steps = FakeSteps({"fp32": 2, "bf16": 40})
+    assert precision.resolve_precision(cfg_for(tmp_path), torch.device("cpu"), steps, SHAPE).how == "measured"

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import voxlib.fileio as fileio
-import voxlib.train as train_module
+import voxlib.record as record
 from voxlib.checkpoint import load_checkpoint
 from voxlib.config import Config
-from voxlib.train import TrainingError, train
+from voxlib.record import TrainingError
+from voxlib.train import train
 
 # 36 training utterances / batch 8 = 4 steps per epoch; two epochs
 SETTINGS = dict(width=1 / 16, batch_size=8, lr=1e-4, epochs=2, threads=2, grad_log_every=2, eval_crops=1)
@@ -111,11 +112,11 @@ def write_counts(base: dict, tmp_path: Path) -> dict[str, int]:
         if point == "write":
             counts[detail] = counts.get(detail, 0) + 1
 
-    train_module.FAULT_HOOKS.append(count)
+    record.FAULT_HOOKS.append(count)
     try:
         train(Config(**base, run_dir=str(tmp_path / "counting")))
     finally:
-        train_module.FAULT_HOOKS.remove(count)
+        record.FAULT_HOOKS.remove(count)
     return counts
 
 
@@ -148,13 +149,13 @@ def test_a_failure_at_any_write_resumes_to_the_uninterrupted_run(base, reference
         if path.name == target:
             fail()
 
-    train_module.FAULT_HOOKS.append(at_point)
+    record.FAULT_HOOKS.append(at_point)
     fileio.BEFORE_REPLACE_HOOKS.append(at_replace)
     try:
         with pytest.raises(SimulatedKill if how == "kill" else TrainingError) as err:
             train(Config(**base, run_dir=str(run)))
     finally:
-        train_module.FAULT_HOOKS.remove(at_point)
+        record.FAULT_HOOKS.remove(at_point)
         fileio.BEFORE_REPLACE_HOOKS.remove(at_replace)
     if how == "disk full" and target != "tb":
         assert target in str(err.value) and "No space left on device" in str(err.value)

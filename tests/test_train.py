@@ -14,10 +14,13 @@ import pandas as pd
 import pytest
 import torch
 
-import voxlib.train as train_module
+import voxlib.step as step_module
 from voxlib.checkpoint import CheckpointError, load_checkpoint
 from voxlib.config import Config, ConfigError
-from voxlib.train import HeadLoss, Dist, TrainingError, class_weights, train
+from voxlib.distributed import Dist, pick_device, speed_settings
+from voxlib.record import TrainingError
+from voxlib.step import HeadLoss, class_weights, loader_settings
+from voxlib.train import train
 
 HEADS = ["speaker", "birthplace", "sex"]
 
@@ -164,7 +167,7 @@ def test_checkpoint_with_pickled_code_is_refused(base, reference, tmp_path):
 def nan_model(step: int):
     """A Discriminator whose logits turn NaN on one training step (counted from 0)."""
 
-    class NanAtStep(train_module.Discriminator):
+    class NanAtStep(step_module.Discriminator):
         calls = 0
 
         def forward(self, x, return_trunk=False):
@@ -179,7 +182,7 @@ def nan_model(step: int):
 
 
 def test_nan_loss_stops_with_the_batch_files_and_keeps_the_checkpoint(base, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "Discriminator", nan_model(step=5))  # epoch 2 (4 steps per epoch)
+    monkeypatch.setattr(step_module, "Discriminator", nan_model(step=5))  # epoch 2 (4 steps per epoch)
     run = tmp_path / "nan"
     with pytest.raises(TrainingError) as err:
         train(Config(**{**base, "epochs": 2}, run_dir=str(run)))
@@ -190,7 +193,7 @@ def test_nan_loss_stops_with_the_batch_files_and_keeps_the_checkpoint(base, tmp_
 
 
 def test_nan_policy_skip_counts_and_continues(base, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "Discriminator", nan_model(step=1))
+    monkeypatch.setattr(step_module, "Discriminator", nan_model(step=1))
     run = tmp_path / "skip"
     with pytest.warns(UserWarning) as caught:
         train(Config(**{**base, "epochs": 1, "nan_policy": "skip"}, run_dir=str(run)))
@@ -364,29 +367,20 @@ def test_cuda_loaders_pin_memory_and_feed_from_the_cores_of_this_job(monkeypatch
     """Per process: the job's cores split among the processes, one left for the loop, at most 8."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 128)  # the node, of which this job may use `cores`
-    assert train_module.loader_settings(Config(), CUDA, world) == (workers, True)
-    assert train_module.loader_settings(Config(), CPU, world) == (1, False)  # CPU: one worker, no pinning
-    assert train_module.loader_settings(Config(num_workers=3), CUDA, world) == (3, True)
-    assert train_module.loader_settings(Config(num_workers=0), CPU, world) == (0, False)
-
-
-def test_cuda_precision_and_memory_format_choices():
-    """bf16 autocast on CUDA by default (not on CPU); channels_last on both unless switched off."""
-    uses_bf16, uses_channels_last = train_module.uses_bf16, train_module.uses_channels_last
-    assert uses_bf16(Config(), CUDA) and not uses_bf16(Config(), CPU)
-    assert not uses_bf16(Config(precision="fp32"), CUDA) and uses_bf16(Config(precision="bf16"), CPU)
-    assert uses_channels_last(Config(), CUDA) and uses_channels_last(Config(), CPU)
-    assert not uses_channels_last(Config(channels_last=False), CUDA)
+    assert loader_settings(Config(), CUDA, world) == (workers, True)
+    assert loader_settings(Config(), CPU, world) == (1, False)  # CPU: one worker, no pinning
+    assert loader_settings(Config(num_workers=3), CUDA, world) == (3, True)
+    assert loader_settings(Config(num_workers=0), CPU, world) == (0, False)
 
 
 def test_speed_settings_cudnn_benchmark_on_cuda_determinism_on_cpu():
     """cuDNN autotuning inside a CUDA run, deterministic kernels inside a CPU run; both restored after."""
     before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
     assert before == (False, False)  # torch's defaults, which no test leaves changed
-    with train_module.speed_settings(Config(), CUDA):
+    with speed_settings(Config(), CUDA):
         assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
     assert (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()) == before
-    with train_module.speed_settings(Config(), CPU):
+    with speed_settings(Config(), CPU):
         assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
     assert (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()) == before
 
@@ -394,6 +388,6 @@ def test_speed_settings_cudnn_benchmark_on_cuda_determinism_on_cpu():
 def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="no CUDA device"):
-        train_module.pick_device("cuda")
+        pick_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert train_module.pick_device("auto") == CUDA and train_module.pick_device("cpu") == CPU
+    assert pick_device("auto") == CUDA and pick_device("cpu") == CPU

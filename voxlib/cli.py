@@ -25,9 +25,9 @@ import sys
 from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
-from voxlib.config import GROUPS, Config, ConfigError, _field_type, field_info
+from voxlib.config import GROUPS, Config, _field_type, field_info
 from voxlib.signals import Terminated
-from voxlib.text import one_line, percent
+from voxlib.text import one_line
 
 METAVARS = {str: "TEXT", int: "INT", float: "NUMBER"}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -310,61 +310,3 @@ def log_to(stream: Any = None, level: int = 20) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
-
-
-# --- end of training -----------------------------------------------------------------------------
-def pooled_summary_lines(run_dir: Path) -> str:
-    """training_summary of a pooled folder: per head, seen over seeds and unseen pooled over folds."""
-    from voxlib.runfolder import load_pooled
-
-    pooled = load_pooled(run_dir)
-    config = pooled.experiment["config"]
-    lines = [f"pooled folder {run_dir}: {len(pooled.members)} runs (folds={config['folds']}, "
-             f"seeds={config['seeds']})"]
-    for head, entry in pooled.summary.items():
-        parts = []
-        if "seen" in entry:
-            seen = entry["seen"]
-            spread = f" ± {percent(seen['std'])} over seeds" if seen.get("std") is not None else ""
-            parts.append(f"seen {percent(seen['accuracy'])}{spread} (majority {percent(seen['majority'])})")
-        if "unseen" in entry and "low" in entry["unseen"]:
-            u = entry["unseen"]
-            parts.append(f"unseen {percent(u['accuracy'])} [{percent(u['low'])}, {percent(u['high'])}] over "
-                         f"{u['speakers']} speakers (majority {percent(u['majority'])})")
-        lines.append(f"  {head:<12} " + "; ".join(parts))
-    index = run_dir / "reports" / "index.html"
-    lines.append(f"report: {index}" if index.is_file()
-                 else f"report: python -m voxlib.report --run-dir {run_dir} --folds {config['folds']} "
-                      f"--seeds {config['seeds']}  (notebooks 01-03 as HTML)")
-    return "\n".join(lines)
-
-
-def training_summary(run_dir: str | Path) -> str:
-    """A few lines for the end of training: best epoch, test accuracy per head beside the majority
-    baseline, where the report is (or how to make it)."""
-    import json
-
-    from voxlib.evaluate import accuracy_table, load_run
-    from voxlib.runfolder import is_pooled
-
-    if is_pooled(run_dir):
-        return pooled_summary_lines(Path(run_dir))
-    run = load_run(run_dir)
-    summary_path = run.path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    epochs = int(run.metrics["epoch"].max()) if len(run.metrics) else 0
-    best = summary.get("best_epoch")
-    lines = [f"run {run.path}: {epochs} epoch{'s' if epochs != 1 else ''}"
-             + (f", best epoch {best} (predictions from {summary.get('predictions_from', 'best.pt')})"
-                if best else "")]
-    table = accuracy_table(run, splits=("seen_test", "unseen_test"))
-    for head in dict.fromkeys(table["head"]):
-        parts = []
-        for r in table[table["head"] == head].itertuples(index=False):
-            verdict = "above" if r.accuracy > r.majority else "NOT above"
-            parts.append(f"{r.split} {percent(r.accuracy)} ({verdict} majority {percent(r.majority)}, n={r.n})")
-        lines.append(f"  {head:<12} " + "; ".join(parts))
-    index = run.path / "reports" / "index.html"
-    lines.append(f"report: {index}" if index.is_file()
-                 else f"report: python -m voxlib.report --run-dir {run.path}  (notebooks 01-03 as HTML)")
-    return "\n".join(lines)

@@ -485,7 +485,8 @@ def _render_all(plan: str, results: str) -> None:
                     index, job = waiting.pop(0)
                     result = folder / f"speaker{index}.pkl"
                     process = context.Process(target=_render_one, args=(job, str(result)), daemon=True)
-                    process.start()
+                    with signals.held_signals():  # a SIGTERM inside the fork would be lost, see signals.py
+                        process.start()
                     running[process.sentinel] = (process, index, result)
                 ready = multiprocessing.connection.wait(list(running), timeout=SPEAKER_TIMEOUT_S)
                 if not ready:  # a hung worker must not hang the build

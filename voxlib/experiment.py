@@ -3,9 +3,10 @@
 ``folds=K`` trains K runs whose unseen speakers are disjoint and together hold out every speaker of
 each class that can spare one (data.unseen_folds); ``seeds=N`` repeats each with training seeds
 ``seed, seed+1, ...``. Every member is a normal, resumable run folder inside the pooled folder
-(runfolder.member_name: ``fold<k>``, ``seed<s>`` or ``fold<k>-seed<s>``), trained by
-:func:`voxlib.train.train_run`, so re-running the same command resumes the member that was
-interrupted and finds the finished ones complete. When every member is finished the pooled folder
+(runfolder.member_name: ``fold<k>``, ``seed<s>`` or ``fold<k>-seed<s>``), trained by the runner the
+caller gives, so re-running the same command resumes the member that was
+interrupted and finds the finished ones complete. The member runner is passed in (train.py passes
+``train_run``), so this module knows folds and seeds, never the training loop. When every member is finished the pooled folder
 gets, through runfolder.py:
 
 - ``pooled_predictions.csv``: every member's unseen-speaker prediction rows, ``fold`` and ``seed``
@@ -25,11 +26,15 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
 from voxlib import runfolder
+from voxlib.analysis import pooled_summary
 from voxlib.config import Config, ConfigError
+from voxlib.corpora.source import default_run_dir
+from voxlib.evaluate import scored, scores
 
 log = logging.getLogger("voxlib.train")  # the trainer's log: one stream for the whole experiment
 
@@ -47,13 +52,12 @@ def members(cfg: Config) -> list[tuple[str, Config]]:
 
 
 def pooled_dir(cfg: Config) -> Path:
-    return Path(cfg.run_dir) if cfg.run_dir else runfolder.default_run_dir(cfg)
+    return Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
 
 
-def run_experiment(cfg: Config) -> Path:
-    """Train (or resume, or find finished) every member, then pool them; return the pooled folder."""
-    from voxlib.train import train_run
-
+def run_experiment(cfg: Config, train_run: Callable[[Config], Path]) -> Path:
+    """Train (or resume, or find finished) every member with ``train_run(member_cfg)``, then pool
+    them; return the pooled folder."""
     if cfg.folds == 1 and cfg.seeds == 1:
         return train_run(cfg)
     refuse_fixed_splits(cfg)
@@ -103,13 +107,10 @@ def check_pooled_folder(root: Path, cfg: Config) -> None:
 
 def pool(root: Path, plan: list[tuple[str, Config]]) -> None:
     """Write the pooled files from the finished members (pooled.json last)."""
-    from voxlib.analysis import pooled_summary
-    from voxlib.evaluate import load_run, scored, scores
-
     frames, records = [], []
     heads: list[str] = []
     for name, member in plan:
-        run = load_run(root / name)
+        run = runfolder.load_run(root / name)
         heads = heads or run.heads
         unseen = run.predictions[run.predictions["split"].isin(runfolder.UNSEEN_SPLITS)]
         frames.append(unseen.assign(fold=member.fold, seed=member.seed)[["fold", "seed", *unseen.columns]])

@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 
 from voxlib.config import Config, ConfigError, project_root
-from voxlib.runfolder import POOLED, PREDICTIONS, default_run_dir
+from voxlib.corpora.source import default_run_dir
+from voxlib.runfolder import POOLED, PREDICTIONS
 from voxlib.text import markdown
 
 PATH_FIELDS = ("manifest", "run_dir", "compare_run_dir", "cache_dir")  # str fields naming files/folders

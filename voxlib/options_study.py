@@ -18,8 +18,11 @@ from pathlib import Path
 import pandas as pd
 
 from voxlib import runfolder
-from voxlib.config import Config
+from voxlib.cli import log_to, parse_config, run_command
+from voxlib.config import Config, outputs_dir
+from voxlib.evaluate import accuracy_table
 from voxlib.text import percent
+from voxlib.train import train
 
 # name -> the settings that differ from the default run
 OPTIONS = {
@@ -42,9 +45,7 @@ def base_config(root: Path, epochs: int, width: float, speakers_per_accent: int,
 
 def outcome(run_dir: Path) -> dict:
     """The numbers one row of the table shows."""
-    from voxlib.evaluate import accuracy_table, load_run
-
-    table = accuracy_table(load_run(run_dir)).set_index(["head", "split"])
+    table = accuracy_table(runfolder.load_run(run_dir)).set_index(["head", "split"])
     summary = runfolder.read_json(run_dir / runfolder.SUMMARY)
     metrics = pd.read_csv(run_dir / runfolder.METRICS)
     row = {f"{head} {split.replace('_test', '')}": float(table.loc[(head, split), "accuracy"])
@@ -65,9 +66,6 @@ def replay_matches(original: Path, replay: Path) -> bool:
 
 def run_study(root: Path, epochs: int = 8, width: float = 0.125, speakers_per_accent: int = 3,
               utterances: int = 20) -> tuple[pd.DataFrame, bool]:
-    from voxlib.cli import parse_config
-    from voxlib.train import train
-
     base = base_config(root, epochs, width, speakers_per_accent, utterances)
     rows, runs = [], {}
     for name, changes in OPTIONS.items():
@@ -91,9 +89,6 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from voxlib.cli import log_to
-    from voxlib.config import outputs_dir
-
     parser = argparse.ArgumentParser(prog="python -m voxlib.options_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--outputs", metavar="DIR", default=None, help="root of everything vox writes (as for every "
                         "command); the study's runs and cache go to DIR/options_study")
@@ -114,6 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from voxlib.cli import run_command
-
     sys.exit(run_command(main))

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Sequence
 from voxlib.config import Config, ConfigError, field_info
 from voxlib.notebook import PATH_FIELDS
 from voxlib import runfolder
-from voxlib.runfolder import default_run_dir
+from voxlib.corpora.source import default_run_dir
 from voxlib.text import percent
 
 NOTEBOOKS = ("01_explore", "02_train", "03_birthplace")
@@ -511,7 +511,8 @@ def _add_parameter_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from voxlib.cli import EXIT_FAILED, EXIT_OK, make_parser, parse, training_summary
+    from voxlib.cli import EXIT_FAILED, EXIT_OK, make_parser, parse
+    from voxlib.evaluate import training_summary
 
     parser = make_parser("python -m voxlib.report", __doc__.split("\n\n")[0], extra=_add_parameter_flag)
     args, _ = parse(parser, argv)

@@ -27,8 +27,6 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from voxlib.config import Config, outputs_dir
-from voxlib.corpora.source import corpus_name
 from voxlib.fileio import write_atomic
 from voxlib.lock import exclusive_lock
 
@@ -73,13 +71,6 @@ class RunError(ValueError):
 
 class FolderError(RuntimeError):
     """A folder vox may not write: not empty and not marked as vox's own."""
-
-
-def default_run_dir(cfg: Config) -> Path:
-    """The run folder used when ``run_dir`` is "": ``outputs/runs/<corpus name>``, with ``-folds<K>``
-    and ``-seeds<N>`` appended for a pooled folder (so a single run and an experiment never share one)."""
-    suffix = (f"-folds{cfg.folds}" if cfg.folds > 1 else "") + (f"-seeds{cfg.seeds}" if cfg.seeds > 1 else "")
-    return outputs_dir() / "runs" / (corpus_name(cfg) + suffix)
 
 
 def member_name(fold: int, seed: int, folds: int, seeds: int) -> str:

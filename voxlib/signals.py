@@ -12,6 +12,11 @@ Three pieces, used wherever vox starts processes:
 - ``process_pool()``: a ``ProcessPoolExecutor`` whose workers are terminated, not waited for, when
   the block ends with an exception. ``ProcessPoolExecutor.__exit__`` would instead let the running
   and queued tasks finish first, which for a feature-cache build means minutes.
+- ``held_signals()``: SIGINT and SIGTERM held back across a fork. A signal that lands while the
+  parent runs the libraries' fork hooks (filelock's, multiprocessing's) raises inside the hook, where
+  Python prints it as "Exception ignored" with a traceback and drops it; held, it is delivered the
+  moment the fork is done. The child inherits the held mask and releases it in ``worker_init``, once
+  its own handlers are in place.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from typing import Callable, Iterator
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _JOIN_S = 5.0  # how long a terminated worker may take to go; then it is killed
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Terminated(KeyboardInterrupt):
@@ -70,11 +76,27 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM held back in this thread during the block, delivered when it ends (POSIX)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def leave_stopping_to_parent() -> None:
     """A worker ignores Ctrl-C (it reaches the whole process group; the parent handles it) and ends at
-    once on SIGTERM (a forked worker would inherit terminate_as_interrupt's handler)."""
+    once on SIGTERM (a forked worker would inherit terminate_as_interrupt's handler). Signals held
+    across the fork (``held_signals``) are released once these handlers are in place."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def worker_init(initializer: Callable | None = None, *initargs) -> None:
@@ -105,6 +127,14 @@ def stop_processes(processes: list) -> None:
                 process.join(_JOIN_S)
 
 
+class _Pool(ProcessPoolExecutor):
+    """A ProcessPoolExecutor that forks its workers with the stop signals held (see held_signals)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        with held_signals():  # with the fork start method, the first submit forks every worker
+            return super().submit(fn, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def process_pool(workers: int, mp_context=None, initializer: Callable | None = None,
                  initargs: tuple = ()) -> Iterator[ProcessPoolExecutor]:
@@ -115,8 +145,7 @@ def process_pool(workers: int, mp_context=None, initializer: Callable | None = N
     (removing a half-written temp folder) runs with no worker still writing into it.
     """
     context = mp_context or multiprocessing.get_context()
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=worker_init,
-                               initargs=(initializer, *initargs))
+    pool = _Pool(workers, mp_context=context, initializer=worker_init, initargs=(initializer, *initargs))
     try:
         yield pool
     except BaseException:

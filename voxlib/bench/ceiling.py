@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from voxlib.bench.steps import sync
+from voxlib.config import usable_cores
 from voxlib.model import INPUT_SIZE, trunk_channels
 from voxlib.precision import cpu_model_and_flags
 
@@ -116,8 +117,6 @@ def gemm_ceiling(dtype: torch.dtype, kernels: list[tuple[str, tuple]], repeats: 
 
 def theoretical_peak(threads: int) -> dict:
     """cores x clock x FLOP/cycle for this CPU, where it reports what is needed (``peak_from``)."""
-    from voxlib.config import usable_cores
-
     clock, source = cpu_clock()
     return peak_from(min(threads, usable_cores()), clock, source, cpu_model_and_flags()[1])
 

@@ -11,6 +11,7 @@ import numpy as np
 import soundfile as sf
 
 from voxlib.config import Config
+from voxlib.data import load_run_data
 
 
 def voice(f0: float, brightness: float, seconds: float, sr: int, rng: np.random.Generator) -> np.ndarray:
@@ -75,6 +76,4 @@ def _write_manifest(path: Path, rows: list[tuple]) -> Path:
 
 def run_data(manifest_path: Path, cfg: Config):
     """The corpus as training sees it (``data.load_run_data``: cache, splits, vocabularies, targets)."""
-    from voxlib.data import load_run_data
-
     return load_run_data(replace(cfg, manifest=str(manifest_path)), progress=False)

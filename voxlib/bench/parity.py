@@ -8,9 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from voxlib.config import Config
+from voxlib.evaluate import accuracy_table
 from voxlib.precision import PRECISIONS
+from voxlib.runfolder import load_run
+from voxlib.train import train
 
 
 PARITY_SEEDS = (0, 1, 2)
@@ -24,11 +28,6 @@ def parity(cfg: Config, seeds=PARITY_SEEDS, work: Path | None = None) -> dict:
     are held out; fp32 and bf16 of one seed share everything but the precision. Which precision
     trains first alternates by seed, so a drift in the machine's load favours neither.
     """
-    import pandas as pd
-
-    from voxlib.evaluate import accuracy_table, load_run
-    from voxlib.train import train
-
     runs = []
     with contextlib.ExitStack() as stack:
         work = work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vox-parity-")))

@@ -5,6 +5,7 @@ peak memory of a short training run (in a fresh process).
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -16,28 +17,27 @@ import numpy as np
 import torch
 
 from voxlib.bench.corpus import run_data
-from voxlib.bench.steps import sync, training_settings
+from voxlib.bench.steps import sync
 from voxlib.config import Config
+from voxlib.distributed import Dist, speed_settings
+from voxlib.features import FeatureCache
 from voxlib.model import Discriminator
+from voxlib.precision import choose_for_run
+from voxlib.predict import Classifier
+from voxlib.step import Tally, build_parts
 
 
 def auto_precision(data, cfg: Config, device: torch.device) -> dict:
     """What ``precision=auto`` picks for a run of ``cfg`` on ``data``: training's own choice
-    (``train.choose_precision``), measured here afresh (the bench's cache folder starts empty)."""
-    from voxlib.distributed import Dist
-    from voxlib.train import choose_precision
-
-    return choose_precision(replace(cfg, precision="auto"), data, Dist(device=device))
+    (``precision.choose_for_run``), measured here afresh (the bench's cache folder starts empty)."""
+    return choose_for_run(replace(cfg, precision="auto"), data, Dist(device=device))
 
 
 # --- data-loader wait --------------------------------------------------------------------------
 def loader_wait(data, cfg: Config, device: torch.device, precision: str, steps: int) -> dict:
-    """Share of step time spent blocked in next(loader) while training's parts (``train.build_parts``:
+    """Share of step time spent blocked in next(loader) while training's parts (``step.build_parts``:
     its loader, sampler, workers and step) train from the feature cache, each row's checksum checked
     on its first read in a worker, as in training."""
-    from voxlib.distributed import Dist
-    from voxlib.train import Tally, build_parts
-
     parts = build_parts(cfg, data, Dist(device=device), precision)
     loader = parts.train_loader
     if len(loader) == 0:
@@ -76,8 +76,6 @@ def verification_cost(manifest, cfg: Config, repeats: int = 3) -> dict:
     Each round opens the cache afresh (a new process checks each row again, and training's loader
     workers are new every epoch); the two alternate and each keeps its best round.
     """
-    from voxlib.features import FeatureCache
-
     times = {True: [], False: []}
     for _ in range(repeats):
         for verify in (True, False):
@@ -96,8 +94,6 @@ def predict_throughput(data, cfg: Config, device: torch.device, precision: str, 
                        repeats: int = 2, batch_size: int = 16) -> dict:
     """Clips/s of ``predict.Classifier.predict`` over the corpus's files: decode, checks, spectrogram,
     ``eval_crops`` crops, crop-averaged forward. The weights are untrained (speed does not depend on them)."""
-    from voxlib.predict import Classifier
-
     torch.manual_seed(0)
     net = Discriminator(data.head_sizes, cfg.width)
     clf = Classifier(net, data.vocab, cfg, device, precision, work, {})
@@ -119,7 +115,7 @@ def predict_throughput(data, cfg: Config, device: torch.device, precision: str, 
 # --- feature cache vs librosa ------------------------------------------------------------------
 def librosa_features(paths: list[str], cfg: Config) -> list[np.ndarray]:
     """The plain loop the cache replaces: librosa.load + librosa.stft per file, same [0, 1] scale."""
-    import librosa
+    import librosa  # deferred: its first import and numba JIT cost ~28 s, and only this comparison needs it
 
     out = []
     ref = cfg.n_fft / 4  # sum of the periodic Hann window / 2: a full-scale sine reads 0 dB
@@ -138,9 +134,7 @@ def cache_vs_librosa(manifest, cfg: Config, repeats: int = 3) -> dict:
     The two alternate ``repeats`` times and each keeps its best time, so a burst of load on the
     machine slows one round, not the ratio. Every cache build starts from an empty folder.
     """
-    import librosa
-
-    from voxlib.features import FeatureCache
+    import librosa  # deferred: its first import and numba JIT cost ~28 s, and only this comparison needs it
 
     paths = list(manifest.table["path"])
     t0 = time.perf_counter()
@@ -169,14 +163,9 @@ def cache_vs_librosa(manifest, cfg: Config, repeats: int = 3) -> dict:
 def memory_probe(manifest_path: str, cfg: Config, device: torch.device, steps: int, precision: str) -> dict:
     """Run in a fresh process: a short training run from the cache with training's parts; report
     this process's peak RSS."""
-    import resource
-
-    from voxlib.distributed import Dist
-    from voxlib.train import Tally, build_parts
-
     data = run_data(Path(manifest_path), cfg)
     cache = data.cache
-    with training_settings(cfg, device):
+    with speed_settings(cfg, device):
         parts = build_parts(cfg, data, Dist(device=device), precision)
         parts.model.train()
         tally, done, epoch = Tally(len(data.heads)), 0, 0

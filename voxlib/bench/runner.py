@@ -18,10 +18,12 @@ from voxlib.bench.corpus import repeat_corpus, run_data, write_corpus
 from voxlib.bench.parity import format_parity, parity
 from voxlib.bench.pipeline import (auto_precision, cache_vs_librosa, loader_wait, memory_probe, predict_throughput,
                                    run_memory_probe, verification_cost)
-from voxlib.bench.steps import (EAGER_VARIANTS, SLOW_FACTOR, Variant, auto_choices, auto_speedup, time_training,
-                                training_settings)
+from voxlib.bench.steps import EAGER_VARIANTS, SLOW_FACTOR, Variant, auto_choices, auto_speedup, time_training
 from voxlib.bench.table import format_table
+from voxlib.cli import make_parser, parse
 from voxlib.config import SEED_PRESET, Config, outputs_dir
+from voxlib.corpora.manifest import read_manifest
+from voxlib.distributed import pick_device, speed_settings
 from voxlib.model import Discriminator, count_flops
 from voxlib.precision import PRECISIONS, cpu_model_and_flags
 
@@ -138,7 +140,7 @@ class Bench:
 
     def run(self) -> dict:
         self.record["machine"]["load_before"] = _load()
-        with training_settings(self.cfg, self.device):
+        with speed_settings(self.cfg, self.device):
             self.record["machine"]["threads"] = torch.get_num_threads()
             first = self.ceilings("before training", {d: self.ceiling_kernels() for d in DTYPES})
             self.record["training"] = self.training({d: c["flops"] for d, c in first.items()})
@@ -295,7 +297,7 @@ class Bench:
         four = repeat_corpus(one, 4, corpus / "x4")
         # both caches are built here, so the loader and memory probes below measure training only
         small, large = run_data(one, cfg), run_data(four, cfg)
-        with training_settings(cfg, self.device):
+        with speed_settings(cfg, self.device):
             choice = auto_precision(large, cfg, self.device)
             precision = choice["precision"]
             self.record["auto_run"] = choice
@@ -316,8 +318,6 @@ class Bench:
                  f"of a step's time, in the loader worker)")
         self.say(f"predict: {predict['clips_per_s']:.1f} clips/s ({predict['clips']} clips, {precision})")
         if plan.librosa:
-            from voxlib.corpora.manifest import read_manifest
-
             many = repeat_corpus(one, plan.cache_copies, corpus / f"x{plan.cache_copies}")
             feats = cache_vs_librosa(read_manifest(many, sample_rate=cfg.sample_rate, n_fft=cfg.n_fft,
                                                    progress=False, cache_dir=cfg.cache_dir), cfg)
@@ -364,8 +364,6 @@ BENCH_FIELDS = ("device", "threads", "width", "batch_size", "epochs")  # Config 
 
 
 def parser() -> argparse.ArgumentParser:
-    from voxlib.cli import make_parser
-
     def own(p: argparse.ArgumentParser) -> None:
         p.add_argument("--quick", action="store_true", help="fewer repeats and sizes: 2-9 minutes on 2 CPU cores")
         p.add_argument("--out", default="", help="folder for <timestamp>.json (default OUTPUTS/bench)")
@@ -383,9 +381,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from voxlib.cli import parse
-    from voxlib.train import pick_device
-
     args, cfg = parse(parser(), argv)
     device = pick_device(cfg.device)
     if args.probe_memory:

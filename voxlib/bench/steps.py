@@ -14,8 +14,11 @@ import numpy as np
 import torch
 
 from voxlib.config import Config
-from voxlib.model import INPUT_SIZE, count_flops
+from voxlib.distributed import Dist
+from voxlib.model import count_flops
 from voxlib.precision import choose as choose_precision
+from voxlib.precision import native_bf16
+from voxlib.step import synthetic_step
 
 
 def sync(device: torch.device) -> None:
@@ -23,13 +26,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def training_settings(cfg: Config, device: torch.device):
-    """The process-wide settings train.train applies, so bench steps run as training steps do."""
-    from voxlib.train import speed_settings
-
-    return speed_settings(cfg, device)
 
 
 MAX_TIMED_STEPS = 100
@@ -63,14 +59,15 @@ EAGER_VARIANTS = (
 
 def auto_choices(rows: list[dict], channels_last: bool) -> dict[tuple[str, int], str]:
     """{(model, batch): what precision=auto picks}, from the eager fp32 and bf16 rows in the
-    configured memory format, by the rule training uses (``precision.choose``). Where one dtype was
+    configured memory format, by the rule training uses (``precision.choose``: within noise, the CPU's
+    native precision). Where one dtype was
     not timed at that batch because it could not be the faster (a ``skipped`` row: ``SLOW_FACTOR``
     slower at the first batch, or a GEMM ceiling below what the other reached), auto picks the other."""
     out = {}
     for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
         speeds = _auto_pair(rows, model, batch, channels_last)
         if speeds:
-            out[(model, batch)] = choose_precision(speeds)
+            out[(model, batch)] = choose_precision(speeds, native=native_bf16())
             continue
         mine = [r for r in rows if r["model"] == model and r["batch"] == batch
                 and r["channels_last"] == channels_last and not r["compile"]]
@@ -105,40 +102,26 @@ def _row(variant: Variant, batch: int, step: "BenchStep", best: float, best_plai
 
 # --- training steps ----------------------------------------------------------------------------
 class BenchStep:
-    """training's own ``train.TrainStep``, built as ``train.build_parts`` builds it (model, optimizer,
-    per-head loss with global denominators, autocast, channels_last, compiled trunk), on one
-    synthetic batch in [0, 1] with the model in train mode. Every ``grad_log_every``-th call also
-    measures the per-head gradient norms, as training does; each call pays training's host syncs.
+    """training's own step (``step.synthetic_step``: the model, optimizer, per-head loss with global
+    denominators, autocast, channels_last and compiled trunk that training builds) on one synthetic
+    batch in [0, 1] with the model in train mode. Every ``grad_log_every``-th call also measures the
+    per-head gradient norms, as training does; each call pays training's host syncs.
     """
 
     def __init__(self, width: float, head_sizes: dict[str, int], variant: Variant, device: torch.device,
                  batch: int, cfg: Config | None = None, seed: int = 0):
-        from voxlib.distributed import Dist
-        from voxlib.train import HeadLoss, Tally, TrainStep, build_model, make_optimizer
-
-        cfg = replace(cfg or Config(), width=width)
-        env = Dist(device=device)
-        torch.manual_seed(seed)
-        self.net = build_model(cfg, head_sizes, env, variant.channels_last)
-        self.net.train()
-        if variant.compile:  # the trunk, as build_parts compiles it
-            self.net.trunk = torch.compile(self.net.trunk)
-        heads = list(head_sizes)
-        loss = HeadLoss(heads, {h: None for h in heads}, cfg.label_smoothing, env)
-        self.step = TrainStep(self.net, self.net, make_optimizer(cfg, self.net), loss, {h: 1.0 for h in heads}, env,
-                              "bf16" if variant.bf16 else "fp32", variant.channels_last, cfg.nan_policy)
-        self.tally, self.grad_every, self.calls = Tally(len(heads)), cfg.grad_log_every, 0
+        cfg = replace(cfg or Config(), width=width, channels_last=variant.channels_last, compile=variant.compile)
+        self.net, self.step = synthetic_step(cfg, head_sizes, Dist(device=device), "bf16" if variant.bf16 else "fp32",
+                                             batch, seed=seed)
+        self.grad_every, self.calls = cfg.grad_log_every, 0
         self.flops = count_flops(self.net, batch, training=True)
-        gen = torch.Generator().manual_seed(seed)
-        self.x = torch.rand(batch, 1, INPUT_SIZE, INPUT_SIZE, generator=gen)
-        self.y = {h: torch.randint(0, n, (batch,), generator=gen) for h, n in head_sizes.items()}
 
     def measures_grad(self) -> bool:
         """Whether the next call is one of training's gradient-norm steps."""
         return bool(self.grad_every) and self.calls % self.grad_every == 0
 
     def __call__(self) -> None:
-        bad = self.step(self.x, self.y, self.tally, measure_grad=self.measures_grad())
+        bad = self.step(self.measures_grad())
         self.calls += 1
         if bad:
             raise RuntimeError(f"non-finite loss in head(s) {bad} on the synthetic batch")
