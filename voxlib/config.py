@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 FEATURES, LEARNING, RUN = "features", "learning", "run"
-GROUPS = ("corpus", "demo corpus", "features", "splits", "model", "optimisation", "hardware", "analysis")
+GROUPS = ("corpus", "demo corpus", "features", "splits", "model", "optimisation", "generalisation", "hardware",
+          "analysis")
 
 # The 2019 experiment, for a GPU: Config(preset="seed") or --preset seed.
 SEED_PRESET: dict[str, Any] = dict(width=1.0, batch_size=10, lr=1e-5, epochs=1000, optimizer="rmsprop")
@@ -196,6 +197,37 @@ class Config:
     grad_log_every: int = knob(10, "steps between per-head gradient-norm measurements (0 = never)",
                                "optimisation", RUN, low=0)
 
+    # --- generalisation: a birthplace head that holds on new voices (each off by default) --------
+    utterance_norm: bool = knob(False, "normalise each crop's frequency bins to zero mean and unit variance over time "
+                                "inside the model (removes channel and a voice's average spectrum; predict applies "
+                                "it too)", "generalisation", LEARNING)
+    pooled_heads: str = knob("", "heads (comma list) that read mean and std over time of the trunk map through one "
+                             "linear layer instead of the 4x4 conv (no tie to positions in the crop)",
+                             "generalisation", LEARNING)
+    accent_branch: int = knob(0, "the birthplace head reads its own copy of the last N trunk blocks (0 = the shared "
+                              "trunk), so the adversary can act on it without touching the speaker head",
+                              "generalisation", LEARNING, low=0, high=5)
+    speaker_adversary: float = knob(0.0, "weight of the reversed gradient of a speaker classifier reading what the "
+                                    "birthplace head reads (removes voice identity; 0 = off)", "generalisation",
+                                    LEARNING, low=0.0, high=100.0)
+    adversary_scope: str = knob("accent", "\"accent\": the adversary picks among the training speakers of the "
+                                "utterance's birthplace (no push against accent); \"all\": among every one",
+                                "generalisation", LEARNING, choices=("accent", "all"))
+    adversary_warmup: int = knob(2, "epochs over which the adversary's weight rises linearly from 0",
+                                 "generalisation", LEARNING, low=0, high=10_000)
+    perturb_formant: float = knob(0.0, "voice perturbation: vocal-tract length, the spectral envelope's frequency "
+                                  "axis scaled by a factor in [1/(1+x), 1+x] per training crop (0 = off)",
+                                  "generalisation", LEARNING, low=0.0, high=0.5)
+    perturb_pitch: float = knob(0.0, "voice perturbation: harmonic spacing (pitch) scaled by a factor in "
+                                "[1/(1+x), 1+x], envelope kept (0 = off)", "generalisation", LEARNING,
+                                low=0.0, high=1.0)
+    perturb_tempo: float = knob(0.0, "voice perturbation: speaking rate scaled by a factor in [1/(1+x), 1+x] "
+                                "(0 = off)", "generalisation", LEARNING, low=0.0, high=0.5)
+    trunk_dropout: float = knob(0.0, "dropout on the maps the heads read, in training", "generalisation", LEARNING,
+                                low=0.0, high=0.9)
+    weight_decay: float = knob(0.0, "L2 weight decay on every conv and linear weight (not BatchNorm, not biases)",
+                               "generalisation", LEARNING, low=0.0, high=1.0)
+
     # --- hardware -----------------------------------------------------------------------------
     device: str = knob("auto", "cuda > mps > cpu", "hardware", RUN, choices=("auto", "cpu", "cuda", "mps"))
     precision: str = knob("auto", "bf16 autocast on CUDA; on CPU auto measures fp32 and bf16 and takes the faster",
@@ -263,6 +295,10 @@ class Config:
                 raise ConfigError(f"parameter 'early_stop' must be SPLIT:METRIC with SPLIT one of seen_val, "
                                   f"unseen_val, train and METRIC acc or loss, got {self.early_stop!r}")
         self.head_weight_map()  # parse errors surface now, not mid-run
+        unknown = [h for h in _names(self.pooled_heads) if self.labels and h not in self.head_names()]
+        if unknown:
+            raise ConfigError(f"parameter 'pooled_heads' names {unknown}, which are not heads of labels "
+                              f"{self.head_names()}")
 
     # --- derived values -----------------------------------------------------------------------
     def head_names(self) -> list[str]:

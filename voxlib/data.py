@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from voxlib.perturb import VoicePerturbation
 from voxlib.runfolder import HELD_OUT_SPLITS, SPLITS
 
 log = logging.getLogger(__name__)
@@ -246,10 +247,13 @@ class CropDataset(Dataset):
     uninterrupted one would; call :meth:`set_epoch` each epoch. Evaluation: ``eval_crops`` fixed evenly
     spaced crops stacked to (eval_crops, 1, 256, n_frames); the caller averages their predictions.
     ``masks`` = (freq_masks, freq_mask_width, time_masks, time_mask_width), training only.
+    ``perturb`` gives each training crop a new voice (perturb.py), drawn from (seed, epoch, row); off
+    (None or all zero), no number is drawn and the crops are those of a run without it.
     """
 
     def __init__(self, cache, rows: Sequence[int], targets: dict[str, np.ndarray], n_frames: int = 256,
-                 train: bool = True, eval_crops: int = 3, seed: int = 0, masks: tuple[int, int, int, int] = (0, 0, 0, 0)):
+                 train: bool = True, eval_crops: int = 3, seed: int = 0, masks: tuple[int, int, int, int] = (0, 0, 0, 0),
+                 perturb: VoicePerturbation | None = None):
         self.cache = cache
         self.rows = np.asarray(rows, dtype=np.int64)
         self.targets = targets
@@ -258,6 +262,7 @@ class CropDataset(Dataset):
         self.eval_crops = eval_crops
         self.seed = seed
         self.masks = masks
+        self.perturb = perturb if perturb is not None and perturb.active else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -270,9 +275,15 @@ class CropDataset(Dataset):
         row = int(self.rows[i])
         spec = self.cache.get(row)
         if self.train:
-            span = max(spec.shape[1] - self.n_frames, 0)
+            length = self.n_frames
+            if self.perturb is not None:
+                factors = self.perturb.draw(_rng(self.seed, "perturb", self.epoch, row))
+                length = self.perturb.window_frames(factors, self.n_frames)
+            span = max(spec.shape[1] - length, 0)
             start = int(_rng(self.seed, "crop", self.epoch, row).integers(0, span + 1))
-            crop = fit_crop(spec, start, self.n_frames)
+            crop = fit_crop(spec, start, length)
+            if self.perturb is not None:
+                crop = self.perturb.apply(crop, factors, self.n_frames)
             if self.masks[0] or self.masks[2]:
                 crop = spec_augment(crop, _rng(self.seed, "mask", self.epoch, row), *self.masks)
             x = crop[None]

@@ -214,6 +214,28 @@ def _spread(rng: np.random.Generator, bounds: tuple[float, float], spread: float
     return centre + spread * (rng.uniform(lo, hi) - centre)
 
 
+def draw_voice(rng: np.random.Generator, speaker: str, birthplace: str, sex: str, espeak_voice: str, variant: str,
+               spread: float) -> Voice:
+    """A speaker's own voice: pitch, formant scaling, breathiness, roughness, flutter and rate, drawn
+    from the sex's ranges narrowed around their centres by ``spread``."""
+    base = _spread(rng, PITCH_BASE_HZ[sex], spread)
+    scale = _spread(rng, FORMANT_SCALE[sex], spread)
+    return Voice(
+        speaker=speaker,
+        birthplace=birthplace,
+        sex=sex,
+        espeak_voice=espeak_voice,
+        variant=variant,
+        pitch_base_hz=round(base, 1),
+        pitch_top_hz=round(base * _spread(rng, PITCH_TOP_RATIO, spread), 1),
+        formant_scale=[round(scale * _spread(rng, (0.98, 1.02), spread), 3) for _ in range(9)],
+        breath=round(_spread(rng, BREATH, spread)),
+        roughness=round(_spread(rng, ROUGHNESS, spread)),
+        flutter=round(_spread(rng, FLUTTER, spread)),
+        rate_wpm=round(_spread(rng, RATE_WPM, spread), 1),
+    )
+
+
 def resolve_accents(names: list[str]) -> list[str]:
     """Birthplace labels for accent names given as labels or espeak voices; unknown is an error."""
     by_voice = {v: label for label, v in ACCENTS.items()}
@@ -253,23 +275,8 @@ def plan_speakers(cfg: Config) -> list[SpeakerJob]:
             sex = "female" if slot < n_female else "male"
             number = slot + 1 if sex == "female" else slot - n_female + 1
             speaker = f"{label}-{sex[0]}{number}"
-            rng = np.random.default_rng([seed, accent_index, slot])
-            base = _spread(rng, PITCH_BASE_HZ[sex], spread)
-            scale = _spread(rng, FORMANT_SCALE[sex], spread)
-            voice = Voice(
-                speaker=speaker,
-                birthplace=label,
-                sex=sex,
-                espeak_voice=ACCENTS[label],
-                variant=f"vox{accent_index}{sex[0]}{number}",
-                pitch_base_hz=round(base, 1),
-                pitch_top_hz=round(base * _spread(rng, PITCH_TOP_RATIO, spread), 1),
-                formant_scale=[round(scale * _spread(rng, (0.98, 1.02), spread), 3) for _ in range(9)],
-                breath=round(_spread(rng, BREATH, spread)),
-                roughness=round(_spread(rng, ROUGHNESS, spread)),
-                flutter=round(_spread(rng, FLUTTER, spread)),
-                rate_wpm=round(_spread(rng, RATE_WPM, spread), 1),
-            )
+            voice = draw_voice(np.random.default_rng([seed, accent_index, slot]), speaker, label, sex,
+                               ACCENTS[label], f"vox{accent_index}{sex[0]}{number}", spread)
             texts = np.random.default_rng([seed, 104729, slot]).choice(len(pool), n_utt, replace=False)
             utterances = []
             for u, t in enumerate(texts):

@@ -4,6 +4,12 @@ Six Conv(k4, s2, p1) + BatchNorm + LeakyReLU(0.2) blocks halve the map from 256 
 channels double from 64 to 2048 (times ``width``); each label then gets its own Conv(k4, s1, p0)
 head that sees the whole 4x4 map and emits one logit per class. Every head shares the trunk, which
 is what lets the birthplace analysis ask how much of the trunk each head's gradient shapes.
+
+A birthplace head on that trunk learns the training voices rather than the accent (it fails on new
+speakers), so the model also carries the remedies of the "generalisation" settings, each off by
+default: input normalisation per utterance, time-pooled heads, a birthplace branch of its own and
+dropout (see :class:`Discriminator`). The speaker adversary that acts on the branch is training-only
+and lives in ``adversary.py``; :func:`model_options` maps a run's settings to the model's shape.
 """
 from __future__ import annotations
 
@@ -63,67 +69,204 @@ def conv_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
 
 
+ACCENT_HEAD = "birthplace"  # the head the generalisation remedies (branch, adversary) serve
+STATS_EPS = 1e-5  # variance floor of the pooled statistics and of the utterance normalisation
+
+
+def utterance_norm(x: torch.Tensor, eps: float = STATS_EPS) -> torch.Tensor:
+    """Each frequency bin of each crop to zero mean and unit variance over time.
+
+    In the dB domain a fixed filter (microphone, room colour, a voice's average spectral tilt and
+    formant levels) adds a constant per bin; subtracting the bin's mean over time removes it, and
+    dividing by its spread removes a per-bin contrast change. What is left is how the spectrum moves
+    over time, which is where pronunciation lives. Computed in float32 under autocast.
+    """
+    x = x.float()
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def time_statistics(fmap: torch.Tensor, eps: float = STATS_EPS) -> torch.Tensor:
+    """(B, C, F, T) -> (B, C*F*2): mean and standard deviation over time of every channel and band.
+
+    The statistics of a sequence do not change when it is repeated, so a head reading them does not
+    depend on the crop's length or on where in the crop a sound falls, unlike the 4x4 conv head,
+    whose weights are tied to positions in time.
+    """
+    mean = fmap.mean(dim=-1)
+    std = (fmap.var(dim=-1, unbiased=False) + eps).sqrt()
+    return torch.stack([mean, std], dim=-1).flatten(1)
+
+
+class StatsHead(nn.Module):
+    """A time-pooled head: :func:`time_statistics` of the map, then one linear layer."""
+
+    def __init__(self, channels: int, bands: int, n_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(2 * channels * bands, n_classes)
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        return time_statistics(fmap.float())
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.pool(fmap))
+
+
+def conv_block(in_ch: int, out_ch: int) -> list[nn.Module]:
+    """Conv(k4, s2, p1) + BatchNorm + LeakyReLU(0.2): halves the map."""
+    return [Conv2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1), nn.BatchNorm2d(out_ch), nn.LeakyReLU(0.2)]
+
+
+def model_options(settings: dict) -> dict:
+    """Discriminator keyword arguments from a run's settings (Config values or a checkpoint's record).
+
+    The one place that maps settings to the network's shape: training builds its model through it and
+    ``load_discriminator`` rebuilds a trained one from the checkpoint's record alone. Settings written
+    before a remedy existed lack its key and get the seed architecture's value.
+    """
+    pooled = settings.get("pooled_heads", "")
+    return {"width": float(settings.get("width", 1.0)),
+            "utterance_norm": bool(settings.get("utterance_norm", False)),
+            "pooled_heads": tuple(h.strip() for h in pooled.split(",") if h.strip()),
+            "accent_branch": int(settings.get("accent_branch", 0)),
+            "dropout": float(settings.get("trunk_dropout", 0.0))}
+
+
 class Discriminator(nn.Module):
-    """The seed architecture with one classification head per label.
+    """The seed architecture with one classification head per label, and optional remedies.
 
     ``head_sizes`` maps a head name (speaker, birthplace, sex, ...) to its number of classes; the
     dict order is the head order everywhere (logits, checkpoints, labels.json).
+
+    The remedies for a birthplace head that memorises voices (each off by default; off, the module
+    list, the parameters and their initial values are the seed model's):
+
+    - ``utterance_norm``: :func:`utterance_norm` on the input, so prediction applies it too;
+    - ``pooled_heads``: these heads read :func:`time_statistics` of their map (:class:`StatsHead`)
+      instead of a 4x4 conv;
+    - ``accent_branch``: the birthplace head reads its own copy of the last ``accent_branch`` trunk
+      blocks (``self.branch``), so a speaker adversary can strip voice identity from what it reads
+      while the speaker head, which StarGAN needs, keeps the shared trunk;
+    - ``dropout``: dropout on the maps the heads read, in training.
     """
 
-    def __init__(self, head_sizes: dict[str, int], width: float = 1.0):
+    def __init__(self, head_sizes: dict[str, int], width: float = 1.0, *, utterance_norm: bool = False,
+                 pooled_heads: tuple[str, ...] = (), accent_branch: int = 0, dropout: float = 0.0):
         super().__init__()
         if not head_sizes:
             raise ValueError("Discriminator needs at least one head")
+        if not 0 <= accent_branch < N_BLOCKS:
+            raise ValueError(f"accent_branch must be in 0..{N_BLOCKS - 1}, got {accent_branch}")
         self.head_sizes = dict(head_sizes)
         self.width = width
+        self.normalise_input = utterance_norm
+        self.dropout = dropout
+        channels = trunk_channels(width)
         layers: list[nn.Module] = []
         in_ch = 1
-        for out_ch in trunk_channels(width):
-            layers += [
-                Conv2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1),
-                nn.BatchNorm2d(out_ch),
-                nn.LeakyReLU(0.2),
-            ]
+        for out_ch in channels:
+            layers += conv_block(in_ch, out_ch)
             in_ch = out_ch
         self.main = nn.Sequential(*layers)
         self.out_channels = in_ch
         final = INPUT_SIZE // 2**N_BLOCKS  # 4: the head kernel covers the whole remaining map
+        self.pooled_heads = tuple(h for h in head_sizes if h in pooled_heads)
         self.heads = nn.ModuleDict(
-            {name: Conv2d(in_ch, n, kernel_size=final, stride=1, padding=0) for name, n in head_sizes.items()}
+            {name: StatsHead(in_ch, final, n) if name in self.pooled_heads
+             else Conv2d(in_ch, n, kernel_size=final, stride=1, padding=0) for name, n in head_sizes.items()}
         )
+        # created after the seed's modules, so the seed's initial weights do not depend on it
+        self.branch_blocks = accent_branch if ACCENT_HEAD in head_sizes else 0
+        self.split = 3 * (N_BLOCKS - self.branch_blocks)  # main[:split] is shared by every head
+        if self.branch_blocks:
+            shared = channels[N_BLOCKS - self.branch_blocks - 1]
+            self.branch = nn.Sequential(*[m for i in range(N_BLOCKS - self.branch_blocks, N_BLOCKS)
+                                          for m in conv_block(shared if i == N_BLOCKS - self.branch_blocks
+                                                              else channels[i - 1], channels[i])])
 
     @classmethod
     def from_run(cls, run_dir, checkpoint: str = "best") -> "Discriminator":
         """The trained discriminator of a run folder, e.g. to initialise a StarGAN discriminator."""
         return load_discriminator(run_dir, checkpoint)[0]
 
+    @property
+    def accent_features_dim(self) -> int:
+        """Length of the vector :meth:`forward` returns with ``return_accent`` (the adversary's input)."""
+        head = self.heads[ACCENT_HEAD]
+        final = INPUT_SIZE // 2**N_BLOCKS
+        return head.linear.in_features if isinstance(head, StatsHead) else self.out_channels * final * final
+
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Shared features (B, C, 4, 4): the embeddings and the point where head gradients meet."""
-        return self.main(x)
+        return self.main(utterance_norm(x) if self.normalise_input else x)
 
-    def forward(self, x: torch.Tensor, return_trunk: bool = False):
-        """Logits per head ``{name: (B, n_classes)}``; with ``return_trunk`` also the trunk output.
+    def forward(self, x: torch.Tensor, return_trunk: bool = False, return_accent: bool = False):
+        """Logits per head ``{name: (B, n_classes)}``; with ``return_trunk`` also the trunk output, with
+        ``return_accent`` also what the birthplace head reads, flattened to (B, accent_features_dim).
 
         The trunk output is returned (not recomputed) so the training loop can measure each head's
-        gradient with respect to it from the same graph.
+        gradient with respect to it from the same graph; the accent features so a speaker adversary
+        can read them. With both flags the result is ``(logits, trunk, accent)``.
         """
-        features = self.trunk(x)
-        logits = {name: head(features).flatten(1) for name, head in self.heads.items()}
-        return (logits, features) if return_trunk else logits
+        if self.normalise_input:
+            x = utterance_norm(x).to(x.dtype)  # elementwise: keeps x's memory format
+        if self.branch_blocks:
+            shared = self.main[: self.split](x)
+            features = self.main[self.split:](shared)
+            accent_map = self.branch(shared)
+        else:
+            features = accent_map = self.main(x)
+        logits = {}
+        for name, head in self.heads.items():
+            fmap = accent_map if name == ACCENT_HEAD else features
+            if self.dropout and self.training:
+                fmap = F.dropout(fmap, self.dropout)
+            logits[name] = head(fmap).flatten(1)
+        extra = ([features] if return_trunk else []) + ([self._head_input(accent_map)] if return_accent else [])
+        return (logits, *extra) if extra else logits
+
+    def _head_input(self, fmap: torch.Tensor) -> torch.Tensor:
+        head = self.heads[ACCENT_HEAD]
+        return head.pool(fmap) if isinstance(head, StatsHead) else fmap.flatten(1)
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimiser parameter groups: ``weight_decay`` on conv and linear weights, none on BatchNorm and biases.
+
+    Decay shrinks weights the loss does not keep asking for, so a head cannot hold on to many small
+    voice-specific features; BatchNorm scales and biases set operating points, and decaying them only
+    shifts activations.
+    """
+    decay, plain = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            (decay if name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear)) else plain).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
 def count_flops(model: Discriminator, batch: int = 1, training: bool = False) -> int:
     """Floating-point operations of one forward pass (2 per multiply-accumulate) from layer shapes.
 
-    Only convolutions are counted (BatchNorm, activations and biases add well under 1 %). A
-    training step costs about 3x the forward (backward = 2x), which ``training=True`` returns.
+    Only convolutions and linear layers are counted (BatchNorm, activations, pooling and biases add
+    well under 1 %). A training step costs about 3x the forward (backward = 2x), which
+    ``training=True`` returns.
     """
     size = INPUT_SIZE
     macs = 0
+    sizes = []
     for conv in (m for m in model.main if isinstance(m, nn.Conv2d)):
         size = (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        sizes.append(size)
         macs += size * size * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    if model.branch_blocks:
+        convs = [m for m in model.branch if isinstance(m, nn.Conv2d)]
+        for conv, out in zip(convs, sizes[-len(convs):]):
+            macs += out * out * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     for head in model.heads.values():
+        if isinstance(head, StatsHead):
+            macs += head.linear.in_features * head.linear.out_features
+            continue
         out = size - head.kernel_size[0] + 1
         macs += out * out * head.out_channels * head.in_channels * head.kernel_size[0] * head.kernel_size[1]
     flops = 2 * macs * batch
@@ -152,7 +295,8 @@ def load_discriminator(run_dir, checkpoint: str = "best") -> tuple[Discriminator
     sizes = {h: len(c) for h, c in labels.items()}
     if state.get("head_sizes") != sizes:
         raise CheckpointError(f"{path} has heads {state.get('head_sizes')}, {run_dir / runfolder.LABELS} {sizes}")
-    net = Discriminator(sizes, float(state["width"]))
+    settings = {**(state.get("settings") or {}), "width": state["width"]}
+    net = Discriminator(sizes, **model_options(settings))
     net.load_state_dict(state["model"])
     net.eval()
     record = {k: state.get(k) for k in ("epoch", "precision", "settings", "width", "voxlib_version")}
