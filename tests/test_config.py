@@ -1,7 +1,8 @@
 """Config: one dataclass for CLI flags and notebook parameters; bad values fail loudly."""
 import pytest
 
-from voxlib.config import SEED_PRESET, Config, ConfigError
+from voxlib.cli import parse_config
+from voxlib.config import ACCENT_PRESET, SEED_PRESET, Config, ConfigError
 
 
 def test_defaults_are_cpu_friendly_and_seed_preset_is_the_2019_protocol():
@@ -62,3 +63,35 @@ def test_notebook_namespace_catches_unknown_injected_parameters():
 def test_head_weights_parse():
     assert Config(head_weights="birthplace=2, sex=0.5").head_weight_map() == {"birthplace": 2.0, "sex": 0.5}
     assert Config(labels="speaker, sex").head_names() == ["speaker", "sex"]
+
+
+
+def test_preset_accent_resolves_its_remedies_and_leaves_the_rest():
+    plain, accent = Config(), Config.from_dict({"preset": "accent", "epochs": 3})
+    for name, value in ACCENT_PRESET.items():
+        assert getattr(accent, name) == value, name
+    untouched = set(plain.to_dict()) - set(ACCENT_PRESET) - {"preset", "epochs"}
+    assert {k: getattr(accent, k) for k in untouched} == {k: getattr(plain, k) for k in untouched}
+    assert accent.epochs == 3 and accent.preset_notes == []
+    again = accent.replace(run_dir="x")  # rebuilding a resolved config changes nothing
+    assert {k: v for k, v in again.to_dict().items() if k != "run_dir"} == \
+        {k: v for k, v in accent.to_dict().items() if k != "run_dir"}
+
+
+def numeric_accent_setting() -> tuple[str, float]:
+    return next((k, v) for k, v in ACCENT_PRESET.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def test_an_explicit_value_wins_over_preset_accent_and_is_reported():
+    name, value = numeric_accent_setting()
+    other = value + 1 if isinstance(value, int) else value / 2
+    cfg = parse_config(["--preset", "accent", f"--{name.replace('_', '-')}", str(other)])
+    assert getattr(cfg, name) == other
+    assert any(f"explicit {name}={other!r}" in note for note in cfg.preset_notes)
+
+
+def test_a_flag_at_its_default_cannot_silently_lose_to_the_preset():
+    name, _ = numeric_accent_setting()
+    default = Config().to_dict()[name]
+    with pytest.raises(ConfigError, match=f"preset 'accent' sets {name}; a value equal to the default cannot undo it"):
+        parse_config(["--preset", "accent", f"--{name.replace('_', '-')}", str(default)])

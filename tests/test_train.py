@@ -170,8 +170,8 @@ def nan_model(step: int):
     class NanAtStep(step_module.Discriminator):
         calls = 0
 
-        def forward(self, x, return_trunk=False):
-            out = super().forward(x, return_trunk)
+        def forward(self, x, **outputs):
+            out = super().forward(x, **outputs)
             if self.training:
                 if NanAtStep.calls == step:
                     out[0]["birthplace"] = out[0]["birthplace"] * float("nan")

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
-from voxlib.config import GROUPS, Config, _field_type, field_info
+from voxlib.config import GROUPS, PRESETS, Config, ConfigError, _field_type, field_info
 from voxlib.signals import Terminated
 from voxlib.text import one_line
 
@@ -201,9 +201,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
     names = {f.name for f in field_info()}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     replayed = getattr(args, "config", None)
-    if replayed:
-        return Config.from_json(replayed).replace(**given)
-    return Config.from_dict(given)
+    cfg = Config.from_json(replayed).replace(**given) if replayed else Config.from_dict(given)
+    refuse_undoing_the_preset(given, cfg.preset)
+    return cfg
+
+
+def refuse_undoing_the_preset(given: dict[str, Any], preset: str) -> None:
+    """A flag given at its default cannot switch off what the preset sets (a preset fills only the
+    fields left at their default, so it would silently win): say so instead."""
+    defaults = {f.name: f.default for f in field_info()}
+    undone = [name for name, value in given.items()
+              if value == defaults[name] and name in PRESETS.get(preset, {}) and PRESETS[preset][name] != value]
+    if undone:
+        flags = ", ".join(f"{flag_name(n)} {_number(given[n])}" for n in undone)
+        raise ConfigError(f"{flags}: preset {preset!r} sets {', '.join(undone)}; a value equal to the default cannot "
+                          f"undo it. Use --preset \"\" and give the preset's other settings you want "
+                          f"({', '.join(f'{k}={_number(v)}' for k, v in PRESETS[preset].items() if k not in undone)})")
 
 
 def parse_config(argv: Sequence[str] | None = None, prog: str = "python -m voxlib.train",

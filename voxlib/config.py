@@ -29,6 +29,12 @@ GROUPS = ("corpus", "demo corpus", "features", "splits", "model", "optimisation"
 
 # The 2019 experiment, for a GPU: Config(preset="seed") or --preset seed.
 SEED_PRESET: dict[str, Any] = dict(width=1.0, batch_size=10, lr=1e-5, epochs=1000, optimizer="rmsprop")
+# The generalisation remedies that made birthplace hold on new voices in the study over speaker folds
+# (python -m voxlib.remedies; docs/remedies.md has the numbers that chose them): Config(preset="accent").
+ACCENT_PRESET: dict[str, Any] = dict(utterance_norm=False, pooled_heads="birthplace", accent_branch=2,
+                                     speaker_adversary=0.3, adversary_warmup=2, perturb_formant=0.12,
+                                     perturb_pitch=0.25, perturb_tempo=0.12)
+PRESETS: dict[str, dict[str, Any]] = {"seed": SEED_PRESET, "accent": ACCENT_PRESET}
 MODEL_INPUT = 256  # the discriminator sees 256 frequency bins x 256 frames
 
 
@@ -164,8 +170,9 @@ class Config:
 
     # --- optimisation -------------------------------------------------------------------------
     preset: str = knob("", "\"seed\" = the 2019 protocol (width 1, batch 10, lr 1e-5, 1000 epochs, RMSprop); "
-                       "fields given explicitly still win and are reported", "optimisation", LEARNING,
-                       choices=("", "seed"))
+                       "\"accent\" = the generalisation remedies that make birthplace hold on new voices "
+                       "(docs/remedies.md); fields given explicitly still win and are reported", "optimisation",
+                       LEARNING, choices=("", *PRESETS))
     epochs: int = knob(8, "training epochs (may be raised to train on)", "optimisation", RUN, low=1, high=1_000_000)
     batch_size: int = knob(32, "global batch (split across processes)", "optimisation", LEARNING, low=1, high=8192)
     lr: float = knob(1e-4, "learning rate", "optimisation", LEARNING, low=1e-12, high=10.0)
@@ -249,16 +256,21 @@ class Config:
         self._apply_preset()
 
     def _apply_preset(self) -> None:
-        """Fields still at their default take the preset's value; explicit ones win and are noted."""
-        if self.preset != "seed":
+        """Fields still at their default take the preset's value; explicit ones win and are noted.
+
+        Applying it again to its own result changes nothing, so a resolved Config can be copied and
+        rebuilt freely. A field the preset leaves alone keeps its value.
+        """
+        if not self.preset:
             return
         defaults = {f.name: f.default for f in fields(self)}
-        for name, value in SEED_PRESET.items():
+        for name, value in PRESETS[self.preset].items():
             current = getattr(self, name)
             if current == defaults[name]:
                 setattr(self, name, value)
             elif current != value:
-                self.preset_notes.append(f"preset 'seed' sets {name}={value!r}; the explicit {name}={current!r} wins")
+                self.preset_notes.append(f"preset {self.preset!r} sets {name}={value!r}; the explicit "
+                                         f"{name}={current!r} wins")
 
     def validate(self) -> None:
         for f in fields(self):

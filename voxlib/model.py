@@ -198,32 +198,43 @@ class Discriminator(nn.Module):
         return head.linear.in_features if isinstance(head, StatsHead) else self.out_channels * final * final
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """Shared features (B, C, 4, 4): the embeddings and the point where head gradients meet."""
-        return self.main(utterance_norm(x) if self.normalise_input else x)
+        """Shared features (B, C, 4, 4): the embeddings, and (without a branch) where head gradients meet.
 
-    def forward(self, x: torch.Tensor, return_trunk: bool = False, return_accent: bool = False):
-        """Logits per head ``{name: (B, n_classes)}``; with ``return_trunk`` also the trunk output, with
-        ``return_accent`` also what the birthplace head reads, flattened to (B, accent_features_dim).
-
-        The trunk output is returned (not recomputed) so the training loop can measure each head's
-        gradient with respect to it from the same graph; the accent features so a speaker adversary
-        can read them. With both flags the result is ``(logits, trunk, accent)``.
+        ``compile=True`` compiles this method, so it is what the forward runs for a model without a
+        birthplace branch.
         """
-        if self.normalise_input:
-            x = utterance_norm(x).to(x.dtype)  # elementwise: keeps x's memory format
+        return self.main(self._normalised(x))
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        return utterance_norm(x).to(x.dtype) if self.normalise_input else x  # elementwise: keeps the memory format
+
+    def forward(self, x: torch.Tensor, return_trunk: bool = False, return_accent: bool = False,
+                return_shared: bool = False):
+        """Logits per head ``{name: (B, n_classes)}``, then, in this order, what the flags ask for:
+
+        - ``return_trunk``: the trunk output (B, C, 4, 4) the other heads read (embeddings);
+        - ``return_accent``: what the birthplace head reads, flattened to (B, accent_features_dim),
+          for a speaker adversary;
+        - ``return_shared``: the last map every head depends on, where their gradients meet (the
+          trunk output, or with a birthplace branch the map the branch starts from); training
+          measures each head's gradient there.
+
+        They are returned (not recomputed) so training can take gradients from the same graph.
+        """
         if self.branch_blocks:
-            shared = self.main[: self.split](x)
+            shared = self.main[: self.split](self._normalised(x))
             features = self.main[self.split:](shared)
             accent_map = self.branch(shared)
         else:
-            features = accent_map = self.main(x)
+            shared = features = accent_map = self.trunk(x)
         logits = {}
         for name, head in self.heads.items():
             fmap = accent_map if name == ACCENT_HEAD else features
             if self.dropout and self.training:
                 fmap = F.dropout(fmap, self.dropout)
             logits[name] = head(fmap).flatten(1)
-        extra = ([features] if return_trunk else []) + ([self._head_input(accent_map)] if return_accent else [])
+        extra = ([features] if return_trunk else []) + ([self._head_input(accent_map)] if return_accent else []) \
+            + ([shared] if return_shared else [])
         return (logits, *extra) if extra else logits
 
     def _head_input(self, fmap: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from voxlib import runfolder
 from voxlib.cli import log_to, parse_config, run_command
 from voxlib.config import Config, outputs_dir
 from voxlib.evaluate import accuracy_table
-from voxlib.text import percent
+from voxlib.text import markdown_table, percent
 from voxlib.train import train
 
 # name -> the settings that differ from the default run
@@ -84,8 +84,7 @@ def markdown(table: pd.DataFrame) -> str:
     for column in shares:
         text[column] = [percent(v) for v in table[column]]
     text["train s"] = [f"{v:.0f}" for v in table["train s"]]
-    header = "| " + " | ".join(text.columns) + " |\n|" + "---|" * len(text.columns) + "\n"
-    return header + "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in text.itertuples(index=False))
+    return markdown_table(text)
 
 
 def main(argv: list[str] | None = None) -> int:

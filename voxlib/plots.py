@@ -251,3 +251,31 @@ def gradient_share(shares: pd.DataFrame) -> Figure:
     _legend_outside(ax)
     return _done(fig)
 
+
+
+@literal_labels
+def variant_intervals(table: pd.DataFrame, column: str = "unseen_birthplace",
+                      xlabel: str = "birthplace accuracy on unseen speakers") -> Figure:
+    """Each variant's pooled accuracy with its 95 % interval, the reference baselines and chance as lines.
+
+    ``table`` is ``remedies.study_table``: variant rows carry ``unseen_low``/``unseen_high``; rows whose
+    ``variant`` starts with ``baseline:`` are drawn as vertical lines.
+    """
+    baseline = table["variant"].str.startswith("baseline:")
+    rows = table[~baseline & table[column].notna()].reset_index(drop=True)
+    fig, axes = _figure(6.4, 0.45 * max(len(rows), 2) + 1.3)
+    ax = axes[0]
+    y = np.arange(len(rows))[::-1]
+    low = (rows[column] - rows["unseen_low"]).fillna(0).clip(lower=0)
+    high = (rows["unseen_high"] - rows[column]).fillna(0).clip(lower=0)
+    ax.errorbar(rows[column], y, xerr=[low, high], fmt="o", color=sns.color_palette()[0], capsize=3,
+                label="discriminator (95 % interval over speakers)")
+    for (_, line), colour in zip(table[baseline & table[column].notna()].iterrows(), sns.color_palette("Set2")):
+        ax.axvline(line[column], color=colour, linestyle="--", label=line["label"])
+    if "chance" in table.columns and table["chance"].notna().any():
+        ax.axvline(float(table["chance"].dropna().iloc[0]), color="grey", linestyle=":", label="chance")
+    ax.set_yticks(y, rows["label"])
+    ax.set(xlim=(0, 1), xlabel=xlabel, ylabel="")
+    _percent_axis(ax.xaxis)
+    _legend_outside(ax)
+    return _done(fig)

@@ -120,10 +120,13 @@ def _to_tuple(value):
 # --- checkpoints ----------------------------------------------------------------------------------
 def checkpoint_state(epoch: int, parts: Parts, cfg: Config, data: RunData, progress: dict) -> dict:
     """Everything the next epoch depends on, plus what predict needs to rebuild the model."""
-    return {"epoch": epoch, "model": parts.net.state_dict(), "optimizer": parts.optimizer.state_dict(),
-            "schedule": parts.schedule.state_dict(), "rng": plain_rng_state(), **progress,
-            "settings": settings_record(cfg, data), "precision": parts.precision,
-            "head_sizes": data.head_sizes, "width": cfg.width, "voxlib_version": __version__}
+    state = {"epoch": epoch, "model": parts.net.state_dict(), "optimizer": parts.optimizer.state_dict(),
+             "schedule": parts.schedule.state_dict(), "rng": plain_rng_state(), **progress,
+             "settings": settings_record(cfg, data), "precision": parts.precision,
+             "head_sizes": data.head_sizes, "width": cfg.width, "voxlib_version": __version__}
+    if parts.adversary is not None:  # training only: predict rebuilds the model without it
+        state["adversary"] = parts.adversary.state_dict()
+    return state
 
 
 def restore(ckpt: dict, path: Path, parts: Parts, data: RunData) -> dict:
@@ -132,6 +135,8 @@ def restore(ckpt: dict, path: Path, parts: Parts, data: RunData) -> dict:
     if ckpt.get("head_sizes") != data.head_sizes:
         raise TrainingError(f"{path} has heads {ckpt.get('head_sizes')}, this run has {data.head_sizes}")
     parts.net.load_state_dict(ckpt["model"])
+    if parts.adversary is not None:
+        parts.adversary.load_state_dict(ckpt["adversary"])
     parts.optimizer.load_state_dict(ckpt["optimizer"])
     parts.schedule.load_state_dict(ckpt.get("schedule", {}))
     set_rng_state(ckpt["rng"])
@@ -182,6 +187,8 @@ def epoch_rows(epoch: int, tally: Tally, seconds: float, val: dict[str, dict], h
     rows += [(epoch, "train", "all", "loss", tally.total / max(tally.steps, 1)),
              (epoch, "train", "all", "skipped_batches", float(tally.skipped)),
              (epoch, "train", "all", "seconds", round(seconds, 3))]
+    if tally.adversary_steps:  # the speaker adversary's own loss (near log(speakers per accent): no voice left)
+        rows.append((epoch, "train", "all", "adversary_loss", tally.adversary / tally.adversary_steps))
     for split, result in val.items():
         for k, h in enumerate(heads):
             if result["valid"][k] > 0:

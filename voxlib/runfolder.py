@@ -138,6 +138,17 @@ def write_json(folder: Path, name: str, value) -> None:
     write_atomic(folder / name, json_bytes(value))
 
 
+def write_text(folder: Path, name: str, text: str) -> None:
+    write_atomic(folder / name, text.encode("utf-8"))
+
+
+def write_figure(folder: Path, name: str, figure, dpi: int = 120) -> None:
+    """A matplotlib figure as PNG, written atomically (the figure is drawn by the caller's matplotlib)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    write_atomic(folder / name, buffer.getvalue())
+
+
 def write_csv(folder: Path, name: str, frame: pd.DataFrame) -> None:
     write_atomic(folder / name, csv_bytes(frame))
 

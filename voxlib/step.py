@@ -2,8 +2,9 @@
 
 Training, ``precision=auto`` and the benchmark all take their step from here, built the same way, so
 the step that is timed is the step that trains. :func:`build_parts` assembles everything one run
-trains with (model, optimiser, schedule, loader, step) in a fixed order, which is what makes a
-resumed run bit-exact: the same seed consumes the random stream in the same places every launch.
+trains with (model, speaker adversary, optimiser, schedule, loader, step) in a fixed order, which is
+what makes a resumed run bit-exact: the same seed consumes the random stream in the same places every
+launch, and a remedy that is off draws nothing.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import lr_scheduler
 from torch.utils.data import DataLoader, DistributedSampler
 
+from voxlib.adversary import SpeakerAdversary, adversary_weight, speaker_accents
 from voxlib.config import Config, ConfigError, usable_cores
 from voxlib.data import BalancedSampler, CropDataset, RunData
 from voxlib.distributed import Dist, sync_batchnorm
 from voxlib.inference import autocast_for
-from voxlib.model import INPUT_SIZE, Discriminator
+from voxlib.model import ACCENT_HEAD, INPUT_SIZE, Discriminator, decay_groups, model_options
+from voxlib.perturb import VoicePerturbation
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -131,6 +134,8 @@ class Tally:
     grad_n: int = 0
     steps: int = 0
     skipped: int = 0
+    adversary: float = 0.0  # the speaker adversary's loss, summed over steps
+    adversary_steps: int = 0  # steps that had one (0: the run has no adversary)
 
     def __post_init__(self):
         for name in ("loss", "denom", "correct", "valid", "grad_sq"):
@@ -140,7 +145,7 @@ class Tally:
         """The epoch's totals over every process (this one's alone outside torchrun)."""
         for name in ("loss", "denom", "correct", "valid", "grad_sq"):
             setattr(self, name, env.sum(getattr(self, name)))
-        self.total = float(env.sum(torch.tensor([self.total], dtype=torch.float64)).item())
+        self.total, self.adversary = env.sum(torch.tensor([self.total, self.adversary], dtype=torch.float64)).tolist()
         return self
 
 
@@ -148,21 +153,27 @@ class TrainStep:
     """One optimisation step exactly as training takes it; the benchmark times this very object.
 
     The weighted sum of per-head means (global denominators) is back-propagated; the step checks the
-    loss is finite on every process (a host sync), optionally measures each head's gradient norm at
-    the trunk output, and adds its losses and accuracies to the epoch's :class:`Tally` (host syncs
+    loss is finite on every process (a host sync), optionally measures each head's gradient norm where
+    the heads' gradients meet (the trunk output; with a birthplace branch, the map it starts from), and adds its losses and accuracies to the epoch's :class:`Tally` (host syncs
     too). A non-finite loss takes no optimiser step; with ``nan_policy="skip"`` the BatchNorm buffers
     are restored as well, and the step reports the heads at fault.
+
+    With a speaker ``adversary`` (adversary.py) the model also hands back what the birthplace head
+    reads; the adversary's loss, at the weight ``adversary_weight()`` gives for this step, joins the
+    total, and its reversed gradient reaches only those features.
     """
 
     def __init__(self, model: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer, loss: HeadLoss,
                  head_weight: dict[str, float], env: Dist, precision: str, channels_last: bool,
-                 nan_policy: str = "stop", after_step: Callable[[], None] | None = None):
+                 nan_policy: str = "stop", after_step: Callable[[], None] | None = None,
+                 adversary: nn.Module | None = None, adversary_weight: Callable[[], float] = lambda: 0.0):
         self.model, self.net, self.optimizer, self.loss = model, net, optimizer, loss
         self.heads = loss.heads
         self.head_weight, self.env, self.device = head_weight, env, env.device
         self.autocast = autocast_for(precision, env.device)
         self.channels_last, self.nan_policy = channels_last, nan_policy
         self.after_step = after_step or (lambda: None)
+        self.adversary, self.adversary_weight = adversary, adversary_weight
 
     def __call__(self, x: torch.Tensor, y: dict[str, torch.Tensor], tally: Tally,
                  measure_grad: bool = False) -> list[str]:
@@ -175,9 +186,15 @@ class TrainStep:
         denominators = self.loss.denominators(y)
         buffers = [b.clone() for b in self.net.buffers()] if self.nan_policy == "skip" else None
         with self.autocast():
-            logits, trunk = self.model(x, return_trunk=True)
+            if self.adversary is None:
+                logits, shared = self.model(x, return_shared=True)
+            else:
+                logits, accent, shared = self.model(x, return_accent=True, return_shared=True)
+                adversary_loss = self.adversary(accent, y["speaker"], y[ACCENT_HEAD], self.adversary_weight())
         sums, means = self.loss(logits, y, denominators)
         total = sum(self.head_weight[h] * means[h] for h in heads)
+        if self.adversary is not None:
+            total = total + adversary_loss
         bad = [h for h in heads if not torch.isfinite(means[h])]
         if env.sum(torch.tensor([float(len(bad))])).item() > 0:
             if buffers is not None:
@@ -189,7 +206,7 @@ class TrainStep:
             return bad or ["(another process)"]
         if measure_grad:
             for k, h in enumerate(heads):
-                (g,) = torch.autograd.grad(self.head_weight[h] * means[h], trunk, retain_graph=True)
+                (g,) = torch.autograd.grad(self.head_weight[h] * means[h], shared, retain_graph=True)
                 tally.grad_sq[k] += g.float().pow(2).sum().item()
             tally.grad_n += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -204,6 +221,9 @@ class TrainStep:
                 tally.correct[k] += (logits[h].argmax(1)[ok] == y[h][ok]).sum().item()
                 tally.valid[k] += ok.sum().item()
             tally.total += total.item() / env.world
+            if self.adversary is not None:
+                tally.adversary += adversary_loss.item() / env.world
+                tally.adversary_steps += 1
         tally.steps += 1
         return []
 
@@ -299,7 +319,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: Config, head_sizes: dict[str, int], env: Dist, channels_last: bool) -> nn.Module:
-    net = Discriminator(head_sizes, cfg.width)
+    """The discriminator these settings describe (model.model_options: width and remedies), on the device."""
+    net = Discriminator(head_sizes, **model_options(cfg.to_dict()))
     if env.active:
         net = sync_batchnorm(net, env.device)
     net.to(env.device)
@@ -308,13 +329,29 @@ def build_model(cfg: Config, head_sizes: dict[str, int], env: Dist, channels_las
     return net
 
 
-def make_optimizer(cfg: Config, net: nn.Module) -> torch.optim.Optimizer:
-    params = net.parameters()
+def build_adversary(cfg: Config, net: Discriminator, speaker_accent: list[int] | None,
+                    device: torch.device) -> SpeakerAdversary | None:
+    """The speaker adversary (``speaker_adversary`` > 0) reading what the birthplace head reads, or None.
+
+    ``speaker_accent``: the birthplace class of each training speaker, in the speaker head's order;
+    None when the run lacks a speaker or birthplace head (then there is nothing to adversarially remove).
+    """
+    if cfg.speaker_adversary <= 0 or speaker_accent is None:
+        return None
+    return SpeakerAdversary(net.accent_features_dim, speaker_accent, cfg.adversary_scope).to(device)
+
+
+def make_optimizer(cfg: Config, modules: list[nn.Module]) -> torch.optim.Optimizer:
+    """The optimiser over every trained module (the discriminator, and the adversary if any);
+    ``weight_decay`` applies to conv and linear weights only (model.decay_groups)."""
+    together = nn.ModuleList(modules)
+    params = decay_groups(together, cfg.weight_decay) if cfg.weight_decay else together.parameters()
     return torch.optim.RMSprop(params, lr=cfg.lr) if cfg.optimizer == "rmsprop" else torch.optim.Adam(params, lr=cfg.lr)
 
 
 def compile_trunk(net: nn.Module) -> None:
-    """torch.compile the trunk only (the heads are a few small matrix products).
+    """torch.compile the trunk only (the heads are a few small matrix products; a model with a
+    birthplace branch runs its shared blocks uncompiled).
 
     A compiled whole model hands back the trunk output beside the logits, not as their input, so the
     heads' gradients at the trunk (grad_norm) could not be taken. The state dict keeps its keys. On
@@ -336,13 +373,17 @@ def synthetic_step(cfg: Config, head_sizes: dict[str, int], env: Dist, precision
         torch.manual_seed(seed)
     net = build_model(cfg, head_sizes, env, cfg.channels_last)
     net.train()
+    accents = ([i % head_sizes[ACCENT_HEAD] for i in range(head_sizes["speaker"])]
+               if {"speaker", ACCENT_HEAD} <= set(head_sizes) else None)  # any assignment costs the same
+    adversary = build_adversary(cfg, net, accents, env.device)
     if cfg.compile:
         compile_trunk(net)
     heads = list(head_sizes)
     if loss is None:
         loss = HeadLoss(heads, {h: None for h in heads}, cfg.label_smoothing, env)
-    step = TrainStep(net, net, make_optimizer(cfg, net), loss, head_weight or {h: 1.0 for h in heads}, env,
-                     precision, cfg.channels_last, cfg.nan_policy)
+    step = TrainStep(net, net, make_optimizer(cfg, [net] + [adversary] * (adversary is not None)), loss,
+                     head_weight or {h: 1.0 for h in heads}, env, precision, cfg.channels_last, cfg.nan_policy,
+                     adversary=adversary, adversary_weight=lambda: cfg.speaker_adversary)
     generator = torch.Generator().manual_seed(0 if seed is None else seed)
     x = torch.rand(batch, 1, INPUT_SIZE, INPUT_SIZE, generator=generator)
     y = {h: torch.randint(0, n, (batch,), generator=generator) for h, n in head_sizes.items()}
@@ -356,6 +397,7 @@ class Parts:
 
     net: nn.Module  # the plain model (checkpoints, evaluation)
     model: nn.Module  # what the step calls: the DDP wrapper under torchrun, else ``net``
+    adversary: nn.Module | None  # the plain speaker adversary (training only; its own checkpoint entry)
     optimizer: torch.optim.Optimizer
     schedule: LearningRate
     step: TrainStep
@@ -371,21 +413,27 @@ def build_parts(cfg: Config, data: RunData, env: Dist, precision: str) -> Parts:
     """The model, optimiser, schedule, training loader and step of a run, in a fixed order (seeded)."""
     seed_everything(cfg.seed)
     net = build_model(cfg, data.head_sizes, env, cfg.channels_last)
-    optimizer = make_optimizer(cfg, net)
+    accents = (speaker_accents(data.vocab["speaker"], data.vocab[ACCENT_HEAD], data.table)
+               if {"speaker", ACCENT_HEAD} <= set(data.vocab) else None)
+    adversary = build_adversary(cfg, net, accents, env.device)
+    optimizer = make_optimizer(cfg, [net] + [adversary] * (adversary is not None))
     if cfg.compile:
         compile_trunk(net)
-    model = net
+    model, adversary_step = net, adversary
     if env.active:
         ids = [env.device.index] if env.device.type == "cuda" else None
         # BatchNorm buffers are kept identical by the synced statistics: no per-step broadcast
         model = DistributedDataParallel(net, device_ids=ids, forward_sync_buffers=False)
+        if adversary is not None:
+            adversary_step = DistributedDataParallel(adversary, device_ids=ids)
 
     train_rows = data.rows("train")
     plan = batch_plan(cfg, len(train_rows), env.world)
     if plan.note:
         warnings.warn(plan.note)
     masks = (cfg.freq_masks, cfg.freq_mask_width, cfg.time_masks, cfg.time_mask_width)
-    train_set = CropDataset(data.cache, train_rows, data.targets, cfg.n_frames, train=True, seed=cfg.seed, masks=masks)
+    train_set = CropDataset(data.cache, train_rows, data.targets, cfg.n_frames, train=True, seed=cfg.seed, masks=masks,
+                            perturb=VoicePerturbation.from_config(cfg))
     if cfg.class_balance == "sampler":
         sampler = BalancedSampler(data.targets[cfg.balanced_head][train_rows], cfg.seed, env.world, env.rank)
     else:
@@ -399,7 +447,10 @@ def build_parts(cfg: Config, data: RunData, env: Dist, precision: str) -> Parts:
     train_loader = DataLoader(train_set, batch_size=plan.local_batch, sampler=sampler, drop_last=True, **loader_args)
     schedule = LearningRate(cfg, optimizer, len(train_loader))
     loss, head_weight = make_loss(cfg, data, env)
+    steps_per_epoch = max(1, len(train_loader))
     step = TrainStep(model, net, optimizer, loss, head_weight, env, precision, cfg.channels_last, cfg.nan_policy,
-                     after_step=schedule.after_step)
-    return Parts(net, model, optimizer, schedule, step, sampler, train_loader, loader_args, plan.local_batch,
-                 precision, cfg.channels_last)
+                     after_step=schedule.after_step, adversary=adversary_step,
+                     adversary_weight=lambda: adversary_weight(cfg.speaker_adversary, cfg.adversary_warmup,
+                                                               schedule.steps / steps_per_epoch))
+    return Parts(net, model, adversary, optimizer, schedule, step, sampler, train_loader, loader_args,
+                 plan.local_batch, precision, cfg.channels_last)

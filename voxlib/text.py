@@ -57,6 +57,15 @@ def markdown(text: object) -> str:
     return html.escape(_MARKDOWN_SPECIALS.sub(r"\\\1", one_line(text)), quote=True)
 
 
+def markdown_table(table: Any) -> str:
+    """A DataFrame of already formatted cells as a Markdown table ('|' in a cell escaped, one line each)."""
+    def cell(value: object) -> str:
+        return one_line(value).replace("|", "\\|")
+
+    header = "| " + " | ".join(cell(c) for c in table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
+    return header + "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in table.itertuples(index=False))
+
+
 def plot_label(text: object) -> str:
     """Text matplotlib draws as written: ``$`` escaped so mathtext never starts."""
     return one_line(text).replace("$", r"\$")
