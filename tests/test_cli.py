@@ -72,7 +72,7 @@ def test_no_prefix_guessing_and_typed_values(capsys):
 
 def test_a_flag_means_the_same_config_field_in_every_command():
     names = {f.name for f in field_info()}
-    parsers = {"demo": _parser_of(demo.main), "bench": runner.parser(), "train": make_parser("t", replay=True)}
+    parsers = {"demo": _parser_of(demo), "bench": runner.parser(), "train": make_parser("t", replay=True)}
     for command, parser in parsers.items():
         for action in parser._actions:
             if action.dest in names:
@@ -83,23 +83,21 @@ def test_a_flag_means_the_same_config_field_in_every_command():
     assert "--demo-seed" in demo_flags and "--seed" not in demo_flags
 
 
-def _parser_of(main):
-    """The parser a command's main builds (captured from make_parser)."""
-    import voxlib.cli as cli
-
+def _parser_of(module):
+    """The parser a command's main builds (captured from the make_parser it calls)."""
     seen = []
-    original = cli.make_parser
+    original = module.make_parser
 
     def capture(*a, **k):
         seen.append(original(*a, **k))
         raise SystemExit(0)
 
-    cli.make_parser = capture
+    module.make_parser = capture
     try:
         with pytest.raises(SystemExit):
-            main([])
+            module.main([])
     finally:
-        cli.make_parser = original
+        module.make_parser = original
     return seen[0]
 
 

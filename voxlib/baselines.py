@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import soxr
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -83,8 +84,6 @@ def _representations(encoder: bool) -> tuple[dict, list[str]]:
 
 
 def load_resampled(wave: np.ndarray, sample_rate: int) -> np.ndarray:
-    import soxr
-
     return soxr.resample(wave, sample_rate, ENCODER_RATE).astype(np.float32)
 
 

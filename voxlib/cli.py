@@ -20,8 +20,10 @@ import argparse
 import difflib
 import logging
 import os
+import shutil
 import signal
 import sys
+import threading
 from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
@@ -86,8 +88,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _terminal_width() -> int:
-    import shutil
-
     return shutil.get_terminal_size((100, 24)).columns
 
 
@@ -291,8 +291,6 @@ def _sigterm_raises() -> Callable[[], None]:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 

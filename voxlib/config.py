@@ -15,9 +15,11 @@ batch 10, lr 1e-5, 1000 epochs) for a GPU, resolved once here so every consumer 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import os
+import subprocess
 import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -79,8 +81,6 @@ def git_commit() -> str | None:
     the work tree: an installed voxlib run from inside some other repository must not record that
     repository's commit as vox's.
     """
-    import subprocess
-
     root = _checkout()
     if root is None:
         return None
@@ -404,8 +404,6 @@ def _num(x: float | None) -> str:
 
 
 def _suggest(unknown: list[str]) -> str:
-    import difflib
-
     hints = [f"{u!r} -> did you mean {m[0]!r}?" for u in unknown
              if (m := difflib.get_close_matches(u, field_names(), n=1))]
     return f" ({'; '.join(hints)})" if hints else "; see --help for the known ones"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,6 +21,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from voxlib.corpora.manifest import read_manifest
+from voxlib.corpora.source import manifest_path
+from voxlib.features import FeatureCache
 from voxlib.perturb import VoicePerturbation
 from voxlib.runfolder import HELD_OUT_SPLITS, SPLITS
 
@@ -374,12 +378,6 @@ def load_run_data(cfg, *, in_turn: Callable[[Callable[[], Any]], Any] | None = N
     ``in_turn(fn)`` runs ``fn`` on the main process first and on the others afterwards (DDP: rank 0
     validates and builds, the others then reuse its results); by default ``fn`` just runs.
     """
-    from voxlib.corpora.manifest import read_manifest
-    from voxlib.corpora.source import manifest_path
-    from voxlib.features import FeatureCache
-
-    import sys
-
     run = in_turn or (lambda fn: fn())
     bars = progress and sys.stderr.isatty()  # in notebooks and logs a bar's every refresh becomes a line
     path = run(lambda: manifest_path(cfg))

@@ -44,12 +44,14 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import espeakng_loader
 import numpy as np
 import soundfile as sf
 import soxr
 from tqdm import tqdm
 
 from voxlib import signals
+from voxlib.cli import make_parser, parse, run_command
 from voxlib.config import Config, ConfigError, outputs_dir, usable_cores
 
 SAMPLE_RATE = 16000
@@ -308,11 +310,6 @@ _SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short),
 
 
 def _espeak_paths() -> tuple[Path, Path]:
-    try:
-        import espeakng_loader
-    except ImportError as err:  # pragma: no cover - a declared dependency
-        raise DemoCorpusError("the demo corpus needs the espeakng-loader wheel "
-                              "(pip install espeakng-loader)") from err
     return Path(espeakng_loader.get_library_path()), Path(espeakng_loader.get_data_path())
 
 
@@ -640,8 +637,6 @@ DEMO_FIELDS = ("demo_speakers_per_accent", "demo_utterances", "demo_accents", "d
 
 def main(argv: list[str] | None = None) -> Path:
     """Build (or find) the demo corpus; the flags are the Config fields training and the notebooks take."""
-    from voxlib.cli import make_parser, parse
-
     def out_flag(parser) -> None:
         parser.add_argument("--out", type=Path, default=None,
                             help="corpus folder (default: OUTPUTS/demo/<settings>, where training finds it)")
@@ -657,6 +652,5 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     # jobs are pickled for the render helper: they must be voxlib.demo's classes, not __main__'s
     from voxlib import demo
-    from voxlib.cli import run_command
 
     sys.exit(run_command(demo.main))

@@ -13,9 +13,14 @@ and lives in ``adversary.py``; :func:`model_options` maps a run's settings to th
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from voxlib import runfolder
+from voxlib.checkpoint import CheckpointError, load_checkpoint
 
 INPUT_SIZE = 256
 N_BLOCKS = 6
@@ -291,11 +296,6 @@ def load_discriminator(run_dir, checkpoint: str = "best") -> tuple[Discriminator
     width and the weights. ``checkpoint`` is "best", "last" or a path to a .pt file. The record
     holds ``epoch``, ``precision`` and the ``settings`` that produced the weights.
     """
-    from pathlib import Path
-
-    from voxlib import runfolder
-    from voxlib.checkpoint import CheckpointError, load_checkpoint
-
     run_dir = Path(run_dir)
     path = Path(checkpoint) if checkpoint not in ("best", "last") else \
         run_dir / runfolder.CHECKPOINTS / (runfolder.BEST if checkpoint == "best" else runfolder.LAST)

@@ -20,6 +20,8 @@ import re
 import unicodedata
 from typing import Any
 
+import pandas as pd
+
 PERCENT = "{:.1%}"  # every share a person reads (tables, figures, verdicts): percent, one decimal
 
 
@@ -74,8 +76,6 @@ def plot_label(text: object) -> str:
 def plot_table(table: Any) -> Any:
     """A copy of a DataFrame whose text cells, index and column names are ``plot_label``-ed (numbers
     untouched), for seaborn, which turns them into tick labels and legends."""
-    import pandas as pd
-
     out = table.copy()
     for column in out.columns:
         if out[column].dtype == object or isinstance(out[column].dtype, (pd.CategoricalDtype, pd.StringDtype)):
@@ -86,8 +86,6 @@ def plot_table(table: Any) -> Any:
 
 
 def _labels(index: Any) -> Any:
-    import pandas as pd
-
     if isinstance(index, pd.MultiIndex) or not (index.dtype == object or isinstance(index.dtype, pd.StringDtype)):
         return index
     return pd.Index([plot_label(v) if isinstance(v, str) else v for v in index], name=index.name)
