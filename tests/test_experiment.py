@@ -14,7 +14,7 @@ import pytest
 import voxlib.train as train_module
 from run_folder_factory import make_run_folder
 from voxlib import experiment, runfolder
-from voxlib.analysis import pooled_over_folds
+from voxlib.pooled import pooled_over_folds
 from voxlib.config import Config, ConfigError
 from voxlib.train import train
 

@@ -13,7 +13,7 @@ gets, through runfolder.py:
 - ``member_scores.csv``: each member's seen and unseen accuracy per head beside its majority baseline;
 - ``pooled.json`` (last): per head the unseen accuracy pooled over folds with a bootstrap interval
   over speakers and the per-fold spread, and the seen accuracy over seeds (mean, spread); see
-  analysis.pooled_summary.
+  pooled.pooled_summary.
 
 folds=1 and seeds=1 is the single run folder of train_run, with no members. The cost is K x N
 trainings.
@@ -30,6 +30,7 @@ import pandas as pd
 
 from voxlib import runfolder
 from voxlib.config import Config, ConfigError
+from voxlib.pooled import pooled_summary
 
 log = logging.getLogger("voxlib.train")  # the trainer's log: one stream for the whole experiment
 
@@ -103,7 +104,6 @@ def check_pooled_folder(root: Path, cfg: Config) -> None:
 
 def pool(root: Path, plan: list[tuple[str, Config]]) -> None:
     """Write the pooled files from the finished members (pooled.json last)."""
-    from voxlib.analysis import pooled_summary
     from voxlib.evaluate import load_run, scored, scores
 
     frames, records = [], []

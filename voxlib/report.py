@@ -371,7 +371,7 @@ def headline_html(report: Report) -> str:
 
 def pooled_headline_html(report: Report) -> str:
     """The headline of a pooled folder: seen over seeds, unseen pooled over folds with its interval."""
-    from voxlib.analysis import pooled_table
+    from voxlib.pooled import pooled_table
 
     esc = html.escape
     try:
