@@ -33,6 +33,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
+from voxlib.baselines import REPRESENTATIONS
 from voxlib.corpora.labels import too_few_speakers
 from voxlib.evaluate import (
     HELD_OUT_SPLITS,
@@ -50,7 +51,7 @@ from voxlib.evaluate import (
     scored,
     scores,
 )
-from voxlib.text import percent
+from voxlib.text import percent, points
 
 GROUPS = {"seen": SEEN_SPLITS, "unseen": UNSEEN_SPLITS}
 STANDARD_COLUMNS = {"row", "path", "rel_path", "speaker", "birthplace", "sex", "split", "start", "end"}
@@ -62,6 +63,7 @@ SIGNAL_MARGIN = 0.10  # unseen accuracy must beat max(chance, majority) by this 
 SMALL_CLASS_SHARE = 0.25  # share of classes with too few training speakers that makes size a cause
 IMBALANCE_GAP = 0.10  # plain minus balanced accuracy on unseen speakers
 PROBE_MARGIN = 0.10  # linear probe minus head on the same unseen-speaker utterances
+REFERENCE_MARGIN = 0.10  # a reference baseline (MFCC + logistic regression ...) minus head on unseen speakers
 STILL_FALLING = 0.05  # relative loss drop over the final window that counts as "still falling"
 LOW_GRADIENT_SHARE = 0.5  # below this fraction of an equal share, a head is starved of gradient
 ROLLUP_GAIN = 0.15  # share of errors inside the true region beyond what random errors would give
@@ -413,12 +415,19 @@ def mean_gradient_share(run: Run) -> pd.Series:
 
 # --- summary numbers, verdict, report ---------------------------------------------------------------
 def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int = 5, probe: bool = True,
-             last_fraction: float = 0.2, probe_result: dict | None = None, confound=None, pooled=None) -> dict:
+             last_fraction: float = 0.2, probe_result: dict | None = None, confound=None, pooled=None,
+             reference=None) -> dict:
     """Every headline number of the investigation as one flat dict (NaN / None where unavailable).
 
     ``pooled``: a ``runfolder.Pooled`` experiment whose member ``run`` is; the seen and unseen accuracy,
-    majority, sizes and standard errors then come from the pooled numbers (every eligible speaker
-    unseen once, seen accuracy averaged over seeds), with the interval as ``unseen_low``/``unseen_high``.
+    majority, balanced accuracy, speaker->class baseline, sizes and standard errors then come from the
+    pooled numbers (every eligible speaker unseen once, seen accuracy averaged over seeds), with the
+    interval as ``unseen_low``/``unseen_high``. ``scope`` names that pooling and ``member`` the run the
+    remaining numbers (class sizes, confusions, probe, loss, gradient) come from, so the verdict can say
+    which is which.
+
+    ``reference``: the ``baselines.ReferenceBaselines`` of the same split (pooled over the same members
+    for a pooled folder); each representation's accuracy becomes ``reference_<name>_<seen|unseen>``.
 
     ``probe_result``: an already fitted ``linear_probe`` result, so a report does not fit it twice.
     ``confound``: a ``conditions.confound_check`` result for this run's corpus (it reads the audio, so
@@ -426,7 +435,8 @@ def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int 
     """
     run = _as_run(run)
     nan = float("nan")
-    out: dict = {"run": run.name, "head": head, "has_head": _has(run, head), "has_speaker_head": _has(run, "speaker")}
+    out: dict = {"run": run.name, "head": head, "has_head": _has(run, head), "has_speaker_head": _has(run, "speaker"),
+                 "pooled": False, "scope": "", "member": run.name}
     if not out["has_head"]:
         return out
     found = confound.for_head(head) if confound is not None else None
@@ -473,6 +483,10 @@ def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int 
             "unseen_val_loss_relative_change": val_trend["relative_change"]}
     if pooled is not None and head in pooled.summary and "low" in pooled.summary[head].get("unseen", {}):
         out |= _pooled_keys(pooled, head, per_seen)
+    if reference is not None:
+        table = reference.table if hasattr(reference, "table") else reference
+        for r in table[table["head"] == head].itertuples(index=False):
+            out[f"reference_{r.representation}_{r.split}"] = float(r.accuracy)
     share = mean_gradient_share(run)
     out["n_heads"] = len(run.heads)
     out["gradient_share"] = float(share.get(head, nan))
@@ -489,7 +503,10 @@ def _pooled_keys(pooled, head: str, per_seen: pd.Series) -> dict:
     se_unseen = clustered_se(per_speaker)
     nan = float("nan")
     return {"pooled": True, "folds": int(pooled.experiment["config"]["folds"]),
-            "seeds": int(pooled.experiment["config"]["seeds"]),
+            "seeds": int(pooled.experiment["config"]["seeds"]), "scope": scope(pooled),
+            "through_speaker_seen": _pooled_through_speaker(pooled, head),
+            "balanced_accuracy_unseen": float(np.mean([balanced_accuracy(group, head) for _, group in
+                                                       rows.groupby("seed")])),
             "accuracy_seen": seen["accuracy"], "majority_seen": seen["majority"], "n_seen": seen["n"],
             "seen_std": seen["std"] if seen["std"] is not None else nan,
             "accuracy_unseen": unseen["accuracy"], "majority_unseen": unseen["majority"], "n_unseen": unseen["n"],
@@ -498,6 +515,31 @@ def _pooled_keys(pooled, head: str, per_seen: pd.Series) -> dict:
             "speakers_unseen": unseen["speakers"], "se_unseen": se_unseen,
             "gap": seen["accuracy"] - unseen["accuracy"],
             "gap_se": float(np.hypot(clustered_se(per_seen), se_unseen))}
+
+
+def scope(pooled=None) -> str:
+    """Where the numbers of a table or sentence come from, as the verdict and the tables say it: ``pooled
+    over 3 folds`` (``x 2 seeds``) for a ``runfolder.Pooled``, ``one run`` for None."""
+    if pooled is None:
+        return "one run"
+    folds, seeds = int(pooled.experiment["config"]["folds"]), int(pooled.experiment["config"]["seeds"])
+    return f"pooled over {folds} folds" + (f" x {seeds} seeds" if seeds > 1 else "")
+
+
+def _pooled_through_speaker(pooled, head: str) -> float:
+    """speaker->class accuracy on seen speakers over every member, pooled as the seen accuracy is: the
+    members of a seed counted together, then the mean over seeds. NaN without a speaker head."""
+    hits: dict[int, list[int]] = {}
+    for info, path in zip(pooled.experiment["members"], pooled.members):
+        run = load_run(path)
+        if not _has(run, "speaker") or not _has(run, head):
+            return float("nan")
+        rows = scored(run, head, SEEN_SPLITS)
+        right = int((through_speaker(run, head, SEEN_SPLITS) == rows[f"{head}_true"]).sum())
+        tally = hits.setdefault(int(info["seed"]), [0, 0])
+        tally[0], tally[1] = tally[0] + right, tally[1] + len(rows)
+    per_seed = [right / n for right, n in hits.values() if n]
+    return float(np.mean(per_seed)) if per_seed else float("nan")
 
 
 def _beyond_noise(difference: float, se: float | None) -> bool:
@@ -512,12 +554,22 @@ def _spread(se: float | None) -> str:
 
 
 def verdict_from_measures(m: dict) -> list[str]:
-    """Sentences stating which explanations the numbers support; each rule has a named threshold."""
+    """Sentences stating which explanations the numbers support; each rule has a named threshold.
+
+    For a pooled folder every sentence says where its numbers come from: pooled over the folds (and
+    seeds), or one member run only (class sizes, confusions, probe, loss and gradient are per run).
+    """
     head = m["head"]
     if not m.get("has_head"):
         return [f"this run has no {head} head: nothing to explain"]
     lines: list[str] = []
     causes = 0  # rules that point to a cause; none firing means the evidence is mixed
+    pooled = f" ({m['scope']})" if m.get("pooled") else ""  # numbers pooled over the members
+    one_run = f" ({m['member']} only)" if m.get("pooled") else ""  # numbers of the member shown
+    in_run = f"; {m['member']} only" if m.get("pooled") else ""  # the same inside parentheses
+    in_pooled = f"; {m['scope']}" if m.get("pooled") else ""
+    ok = lambda *keys: all(k in m and m[k] is not None and not (isinstance(m[k], float) and math.isnan(m[k]))
+                           for k in keys)  # noqa: E731
     if m.get("confounded"):  # before any other explanation: every number below may be about the channel
         causes += 1
         lines.append(f"{head} is confounded with recording conditions: a classifier on recording conditions alone "
@@ -526,6 +578,22 @@ def verdict_from_measures(m: dict) -> list[str]:
                      f"{percent(m['confound_chance'])} for the majority class (most tied: {m['confound_strongest']}); "
                      f"what the model learned about {head} may be the recording set-up, so read what follows with "
                      "that confound in mind")
+    references = {name: m[f"reference_{name}_unseen"] for name in REPRESENTATIONS if ok(f"reference_{name}_unseen")}
+    if references and ok("accuracy_unseen"):
+        name, best = max(references.items(), key=lambda kv: kv[1])
+        u = m["accuracy_unseen"]
+        interval = f" [{percent(m['unseen_low'])}, {percent(m['unseen_high'])}]" if m.get("pooled") else ""
+        said = (f"on unseen speakers{pooled}, {REPRESENTATIONS[name]} reaches {percent(best)} against the {head} "
+                f"head's {percent(u)}{interval}")
+        if best - u >= REFERENCE_MARGIN:
+            causes += 1
+            lines.append(f"{said}: {head} can be heard in new voices from this audio with a plain representation, and "
+                         "the discriminator does not learn it")
+        elif u - best >= REFERENCE_MARGIN:
+            lines.append(f"{said}: the head transfers to new voices better than the reference baseline")
+        else:
+            lines.append(f"{said}: the head and the reference baseline are level (within "
+                         f"{points(REFERENCE_MARGIN)})")
     if m.get("pooled"):
         seen_spread = (f" ± {percent(m['seen_std'])} over {m['seeds']} seeds" if m["seeds"] > 1 and
                        not math.isnan(m["seen_std"]) else "")
@@ -534,37 +602,38 @@ def verdict_from_measures(m: dict) -> list[str]:
                      f"eligible speaker unseen once: {percent(m['accuracy_unseen'])} [{percent(m['unseen_low'])}, "
                      f"{percent(m['unseen_high'])}] ({m['unseen_level']:.0%} interval resampled over "
                      f"{m['speakers_unseen']} speakers{fold_spread}); seen speakers "
-                     f"{percent(m['accuracy_seen'])}{seen_spread}")
+                     f"{percent(m['accuracy_seen'])}{seen_spread}; where a sentence below gives numbers of one "
+                     f"run, it says so ({m['member']})")
     if m.get("too_few_for_unseen"):
         lines.append(f"{len(m['too_few_for_unseen'])} {head} class(es) have fewer than {m['unseen_min_speakers']} "
                      f"speakers and are never among the unseen speakers, so the unseen-speaker numbers say nothing "
                      f"about them: {', '.join(m['too_few_for_unseen'])}")
-    ok = lambda *keys: all(k in m and m[k] is not None and not (isinstance(m[k], float) and math.isnan(m[k]))
-                           for k in keys)  # noqa: E731
 
     if m.get("speakers_unseen") == 0:
         lines.append(f"no unseen speakers in this run: whether {head} generalises to new voices cannot be judged")
     elif ok("n_unseen", "speakers_unseen") and (m["n_unseen"] < MIN_UTTERANCES or m["speakers_unseen"] < MIN_SPEAKERS):
         lines.append(f"only {int(m['n_unseen'])} unseen-speaker utterances from {m['speakers_unseen']} speakers are "
-                     "scored: treat the unseen-speaker percentages as rough")
+                     f"scored{pooled}: treat the unseen-speaker percentages as rough")
     if not m["has_speaker_head"]:
         lines.append(f"no speaker head: the speaker→{head} comparison is not available")
     elif ok("accuracy_seen", "through_speaker_seen"):
         h, t = m["accuracy_seen"], m["through_speaker_seen"]
         floor = max(m["majority_seen"], m["chance"])
+        mapped = f"speaker→{head} (the speaker head's guess mapped to that speaker's {head})"
         if t - floor < SIGNAL_MARGIN:
-            lines.append(f"speaker→{head} gives only {percent(t)} on seen speakers (baseline {percent(floor)}): the "
+            lines.append(f"{mapped} gives only {percent(t)} on seen speakers (baseline {percent(floor)}{in_pooled}): the "
                          f"speaker head has not learned identity well enough to tell whether the {head} head uses it")
         elif t - h >= IDENTITY_GAP:
             causes += 1
-            lines.append(f"{head} head reaches {percent(h)} on seen speakers while speaker→{head} gives {percent(t)}: "
-                         "the head under-uses identity")
-        elif h >= t - IDENTITY_GAP:
-            lines.append(f"{head} head reaches {percent(h)} on seen speakers, within {IDENTITY_GAP:.0%} of "
-                         f"speaker→{head} ({percent(t)}): it uses what identity tells it")
+            lines.append(f"{head} head reaches {percent(h)} on seen speakers while {mapped} gives {percent(t)}{pooled}, "
+                         f"{points(t - h)} more: the head under-uses identity")
+        else:
+            lines.append(f"{head} head reaches {percent(h)} on seen speakers against {percent(t)} for {mapped}{pooled}, "
+                         f"{points(max(t - h, 0.0))} lower; less than {points(IDENTITY_GAP)} lower counts as using "
+                         "what identity tells it, as it does here")
     if ok("accuracy_seen", "accuracy_unseen") and m["gap"] >= MEMORISATION_GAP:
         said = (f"{head} reaches {percent(m['accuracy_seen'])} on held-out utterances of training speakers but "
-                f"{percent(m['accuracy_unseen'])} on unseen speakers")
+                f"{percent(m['accuracy_unseen'])} on unseen speakers{pooled}")
         if _beyond_noise(m["gap"], m.get("gap_se")):
             causes += 1
             lines.append(f"{said}: the head memorises speakers rather than hearing {head}")
@@ -575,36 +644,33 @@ def verdict_from_measures(m: dict) -> list[str]:
         u = m["accuracy_unseen"]
         name, base = max(("majority", m["majority_unseen"]), ("chance", m["chance"]), key=lambda nb: nb[1])
         interval = f" [{percent(m['unseen_low'])}, {percent(m['unseen_high'])}]" if m.get("pooled") else ""
+        said = f"on unseen speakers{pooled} {percent(u)}{interval} vs {name} {percent(base)}"
         if u - base < SIGNAL_MARGIN:
             causes += 1
-            lines.append(f"on unseen speakers {percent(u)}{interval} vs {name} {percent(base)}: little {head} signal "
-                         "generalises")
+            lines.append(f"{said}: little {head} signal generalises")
         elif m.get("pooled") and m["unseen_low"] > base:
-            lines.append(f"on unseen speakers {percent(u)}{interval} vs {name} {percent(base)}: the whole interval is "
-                         f"above {name}, so some {head} signal generalises to new speakers")
+            lines.append(f"{said}: the whole interval is above {name}, so some {head} signal generalises to new speakers")
         elif m.get("pooled"):
-            lines.append(f"on unseen speakers {percent(u)}{interval} vs {name} {percent(base)}, but the interval "
-                         f"reaches {name}: the evidence is mixed")
+            lines.append(f"{said}, but the interval reaches {name}: the evidence is mixed")
         elif _beyond_noise(u - base, m.get("se_unseen")):
-            lines.append(f"on unseen speakers {percent(u)} vs {name} {percent(base)}: some {head} signal generalises "
-                         "to new speakers")
+            lines.append(f"{said}: some {head} signal generalises to new speakers")
         else:
-            lines.append(f"on unseen speakers {percent(u)} vs {name} {percent(base)}, but unseen speakers differ too much "
-                         f"{_spread(m.get('se_unseen'))} to call it signal: the evidence is mixed")
+            lines.append(f"{said}, but unseen speakers differ too much {_spread(m.get('se_unseen'))} to call it signal: "
+                         "the evidence is mixed")
     if m["n_classes"] and m["n_small_classes"] / m["n_classes"] >= SMALL_CLASS_SHARE:
         causes += 1
         lines.append(f"{m['n_small_classes']} of {m['n_classes']} classes have fewer than {m['min_speakers']} "
-                     "training speakers: too few voices per class to separate it from identity")
+                     f"training speakers{one_run}: too few voices per class to separate it from identity")
     if ok("accuracy_unseen", "balanced_accuracy_unseen") and \
             m["accuracy_unseen"] - m["balanced_accuracy_unseen"] >= IMBALANCE_GAP:
         causes += 1
         lines.append(f"plain accuracy {percent(m['accuracy_unseen'])} vs balanced {percent(m['balanced_accuracy_unseen'])} "
-                     "on unseen speakers: the head leans on the large classes")
+                     f"on unseen speakers{pooled}: the head leans on the large classes")
     if ok("coarse", "errors_within_unseen", "errors_within_expected_unseen") and \
             m["errors_within_unseen"] - m["errors_within_expected_unseen"] >= ROLLUP_GAIN:
         c = m["coarse"]
-        lines.append(f"{percent(m['errors_within_unseen'])} of the errors on unseen speakers stay within the true {c} "
-                     f"vs {percent(m['errors_within_expected_unseen'])} if errors were random (at {c} level "
+        lines.append(f"{percent(m['errors_within_unseen'])} of the errors on unseen speakers{one_run} stay within the "
+                     f"true {c} vs {percent(m['errors_within_expected_unseen'])} if errors were random (at {c} level "
                      f"{percent(m['coarse_accuracy_unseen'])}, majority {percent(m['coarse_majority_unseen'])}): "
                      "the confusions are between neighbours")
     if ok("probe_accuracy", "probe_head_accuracy"):
@@ -612,46 +678,89 @@ def verdict_from_measures(m: dict) -> list[str]:
         base = max(m["probe_majority"], m["chance"])
         if p - h >= PROBE_MARGIN and _beyond_noise(p - h, m.get("probe_difference_se")):
             causes += 1
-            lines.append(f"the linear probe reaches {percent(p)} on unseen speakers vs {percent(h)} for the head: "
-                         "the information is in the trunk; the head or its training is the problem")
+            lines.append(f"the linear probe reaches {percent(p)} on unseen speakers{one_run} vs {percent(h)} for the "
+                         "head: the information is in the trunk; the head or its training is the problem")
         elif p - h >= PROBE_MARGIN:
-            lines.append(f"the linear probe reaches {percent(p)} on unseen speakers vs {percent(h)} for the head, but the "
-                         f"difference varies too much between speakers {_spread(m.get('probe_difference_se'))}: "
-                         "the evidence that the trunk holds more is mixed")
+            lines.append(f"the linear probe reaches {percent(p)} on unseen speakers{one_run} vs {percent(h)} for the "
+                         f"head, but the difference varies too much between speakers "
+                         f"{_spread(m.get('probe_difference_se'))}: the evidence that the trunk holds more is mixed")
         elif p - base < SIGNAL_MARGIN:
             causes += 1
-            lines.append(f"the linear probe reaches only {percent(p)} on unseen speakers (baseline {percent(base)}): "
-                         f"the trunk holds little {head} information that transfers to new speakers")
+            lines.append(f"the linear probe reaches only {percent(p)} on unseen speakers (baseline "
+                         f"{percent(base)}{in_run}): the trunk holds little {head} information that transfers to new speakers")
         else:
-            lines.append(f"the linear probe ({percent(p)}) and the head ({percent(h)}) agree on unseen speakers: "
-                         "the head uses what the trunk holds")
+            lines.append(f"the linear probe ({percent(p)}) and the head ({percent(h)}) agree on unseen speakers"
+                         f"{one_run}: the head uses what the trunk holds")
     if ok("loss_relative_change"):
         z, k = m["loss_relative_change"], m["loss_window"]
         v = m.get("unseen_val_loss_relative_change", float("nan"))
         if z <= -STILL_FALLING and ok("unseen_val_loss_relative_change") and v >= STILL_FALLING:
             lines.append(f"mixed evidence: the {head} training loss was still falling ({z:+.1%} over the last {k} "
-                         f"epochs) but the unseen-speaker validation loss rose ({v:+.1%}): longer training would "
-                         "likely deepen memorisation rather than help")
+                         f"epochs{in_run}) but the unseen-speaker validation loss rose ({v:+.1%}): longer training "
+                         "would likely deepen memorisation rather than help")
         elif z <= -STILL_FALLING:
             causes += 1
-            lines.append(f"{head} loss was still falling ({z:+.1%} over the last {k} epochs): longer training may help")
+            lines.append(f"{head} loss was still falling ({z:+.1%} over the last {k} epochs{in_run}): longer training "
+                         "may help")
         else:
-            lines.append(f"{head} loss had flattened ({z:+.1%} over the last {k} epochs): longer training alone is "
-                         "unlikely to help")
+            lines.append(f"{head} loss had flattened ({z:+.1%} over the last {k} epochs{in_run}): longer training "
+                         "alone is unlikely to help")
     if ok("gradient_share"):
         w, equal = m["gradient_share"], 1.0 / m["n_heads"]
         other = (f" vs {percent(m['gradient_share_speaker'])} for speaker"
                  if ok("gradient_share_speaker") and head != "speaker" else "")
         if w < LOW_GRADIENT_SHARE * equal:
             causes += 1
-            lines.append(f"{head} receives {percent(w)} of the gradient reaching the trunk{other}: it has little say "
-                         "in what the trunk learns")
+            lines.append(f"{head} receives {percent(w)} of the gradient reaching the trunk{other}{one_run}: it has "
+                         "little say in what the trunk learns")
         else:
-            lines.append(f"{head} receives {percent(w)} of the gradient reaching the trunk{other}: "
+            lines.append(f"{head} receives {percent(w)} of the gradient reaching the trunk{other}{one_run}: "
                          "it is not starved of gradient")
     if not causes:
         lines.append("the evidence is mixed: none of the tested explanations is clearly supported by these numbers")
     return lines
+
+
+HEADLINE_COLUMNS = ["head", "speakers", "scope", "n", "discriminator", "low", "high", *REPRESENTATIONS, "majority",
+                    "chance"]
+
+
+def headline(run: Run | str | Path, pooled=None, reference=None, explained: str = "birthplace") -> pd.DataFrame:
+    """The finding in one table: per head, on seen and on unseen speakers, the discriminator beside the
+    reference baselines fitted on the same split(s) and the majority baseline and chance.
+
+    ``pooled`` (a ``runfolder.Pooled``): the discriminator's numbers are the pooled ones (unseen with its
+    interval ``low``/``high``), and ``reference`` should be pooled over the same members. ``scope`` says
+    which: ``pooled over 3 folds`` or ``one run``. One column per representation in ``reference``
+    (``mfcc``, ``encoder``; see baselines.REPRESENTATIONS), absent when it was not fitted. The rows of
+    ``explained``, the head the investigation explains, come first.
+    """
+    run = _as_run(run)
+    table = reference.table if hasattr(reference, "table") else reference
+    records = []
+    for head in sorted(run.heads, key=lambda h: h != explained):
+        for group in GROUPS:
+            if pooled is not None and head in pooled.summary:
+                found = pooled.summary[head].get(group)
+                if not found:
+                    continue
+                record = {"scope": scope(pooled), "n": found["n"], "discriminator": found["accuracy"],
+                          "low": found.get("low"), "high": found.get("high"), "majority": found["majority"],
+                          "chance": pooled.summary[head]["chance"]}
+            else:
+                rows = scored(run, head, GROUPS[group])
+                if rows.empty:
+                    continue
+                s = scores(run, head, rows)
+                record = {"scope": scope(None), "n": s["n"], "discriminator": s["accuracy"], "low": None, "high": None,
+                          "majority": s["majority"], "chance": s["chance"]}
+            record |= {"head": head, "speakers": group}
+            if table is not None:
+                for r in table[(table["head"] == head) & (table["split"] == group)].itertuples(index=False):
+                    record[r.representation] = float(r.accuracy)
+            records.append(record)
+    frame = pd.DataFrame(records, columns=HEADLINE_COLUMNS)
+    return frame.loc[:, [c for c in frame.columns if c not in REPRESENTATIONS or frame[c].notna().any()]]
 
 
 def verdict(run: Run | str | Path, head: str = "birthplace", **options) -> list[str]:
@@ -717,6 +826,18 @@ def birthplace_report(run: Run | str | Path, head: str = "birthplace", min_speak
     report["verdict"] = verdict_from_measures(report["measures"])
     report["verdict_markdown"] = verdict_markdown(report["verdict"])
     return report
+
+
+SHARE_MEASURES = ("accuracy_", "balanced_accuracy_", "top3_", "majority_", "through_speaker_", "coarse_",
+                  "errors_within_", "probe_accuracy", "probe_head_accuracy", "probe_majority", "gradient_share",
+                  "reference_", "confound_balanced_accuracy", "confound_chance", "confound_low", "confound_high",
+                  "unseen_low", "unseen_high", "gap", "se_unseen", "seen_std", "fold_std", "chance",
+                  "probe_difference_se", "loss_relative_change", "unseen_val_loss_relative_change")
+
+
+def share_measures(names) -> list[str]:
+    """The measures (keys of :func:`measures`) that are shares or differences of shares: shown as percent."""
+    return [n for n in names if isinstance(n, str) and n.startswith(SHARE_MEASURES)]
 
 
 def compare_runs(run_a: Run | str | Path, run_b: Run | str | Path, head: str = "birthplace",
