@@ -15,6 +15,7 @@ from pathlib import Path
 from IPython.display import Markdown, display
 
 from voxlib.config import Config, ConfigError, project_root
+from voxlib.progress import send_to_report
 from voxlib.runfolder import POOLED, PREDICTIONS, default_run_dir
 from voxlib.text import markdown
 
@@ -44,6 +45,7 @@ def prepare(cfg: Config, need: str = "manifest") -> Config:
     finished pooled folder (folds or seeds) for ``run_dir``.
     """
     warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
+    send_to_report()  # training's log lines to the terminal of `python -m voxlib.report` too
     cfg = resolve_paths(cfg)
     if need == "manifest":
         if not cfg.manifest:

@@ -39,6 +39,7 @@ from typing import Any, Iterator, Sequence
 from voxlib.config import Config, ConfigError, field_info
 from voxlib.baselines import REPRESENTATIONS
 from voxlib.notebook import HEADLINE_MIME, PATH_FIELDS
+from voxlib.progress import PROGRESS_FILE_ENV, TrainingProgress, follow
 from voxlib import runfolder
 from voxlib.runfolder import default_run_dir
 from voxlib.text import percent
@@ -155,8 +156,9 @@ def find_notebooks() -> Path:
 # --- kernel ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def this_interpreter_kernel() -> Iterator[str]:
-    """Make kernel ``python3`` mean ``sys.executable`` while the notebooks run."""
-    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "TQDM_MININTERVAL", "TQDM_DISABLE")}
+    """Make kernel ``python3`` mean ``sys.executable`` while the notebooks run, and give the kernels a
+    progress file for their training log lines (voxlib.progress)."""
+    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "TQDM_MININTERVAL", "TQDM_DISABLE", PROGRESS_FILE_ENV)}
     saved_path = os.environ.get("PYTHONPATH")
     with tempfile.TemporaryDirectory(prefix="vox-kernel-") as tmp:
         spec_dir = Path(tmp) / "kernels" / KERNEL_NAME
@@ -174,6 +176,7 @@ def this_interpreter_kernel() -> Iterator[str]:
         os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [tmp, saved["JUPYTER_PATH"]]))
         os.environ.setdefault("TQDM_MININTERVAL", TQDM_MININTERVAL_S)
         os.environ.setdefault("TQDM_DISABLE", "1")  # a bar in stored HTML is a frozen line of stderr
+        os.environ[PROGRESS_FILE_ENV] = str(Path(tmp) / "progress.log")  # the kernels' training log lines
         try:
             yield KERNEL_NAME
         finally:
@@ -278,19 +281,47 @@ def run_report(manifest: str = "", run_dir: str = "", params: dict[str, Any] | N
                       run / "reports" / f"{name}{CODE_SUFFIX}.html"):
             stale.unlink(missing_ok=True)
     stages: list[Stage] = []
+    cfg = Config.from_dict(values)
+    terminal = Terminal(sys.stdout if progress else None)
     with this_interpreter_kernel() as kernel:
         for name in NOTEBOOKS:
-            if progress:
-                print(f"{name} ...", end="", flush=True)
-            stage = run_notebook(name, values, run, kernel, notebooks_dir)
+            terminal.start(name)
+            training = TrainingProgress(cfg.folds * cfg.seeds, cfg.epochs)
+            with follow(os.environ[PROGRESS_FILE_ENV], terminal.detail, training):
+                stage = run_notebook(name, values, run, kernel, notebooks_dir)
             stages.append(stage)
-            if progress:
-                print(f" {'ok' if stage.ok else 'FAILED'} in {stage.seconds:.1f} s", flush=True)
+            terminal.end(f"{'ok' if stage.ok else 'FAILED'} in {stage.seconds:.1f} s")
             if not stage.ok:
                 break
     report = Report(run, run / "reports" / "index.html", stages)
     write_index(report, values)
     return report
+
+
+class Terminal:
+    """One line per notebook (``02_train ... ok in 668.0 s``) with the training's lines indented below
+    its name while it runs; nothing at all for ``stream=None``."""
+
+    def __init__(self, stream):
+        self.stream, self.name, self.open = stream, "", False
+
+    def _print(self, text: str = "", end: str = "\n") -> None:
+        if self.stream is not None:
+            print(text, end=end, file=self.stream, flush=True)
+
+    def start(self, name: str) -> None:
+        self.name, self.open = name, True
+        self._print(f"{name} ...", end="")
+
+    def detail(self, line: str) -> None:
+        if self.open:  # the name's line is still waiting for its result
+            self._print()
+            self.open = False
+        self._print(f"  {line}")
+
+    def end(self, result: str) -> None:
+        self._print(f" {result}" if self.open else f"{self.name} {result}")
+        self.open = False
 
 
 # --- index.html ------------------------------------------------------------------------------------
