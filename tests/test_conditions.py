@@ -169,7 +169,7 @@ def test_single_speaker_classes_are_left_out_with_a_note():
 
 def test_the_verdict_names_the_confound_first_and_only_when_flagged(tmp_path):
     from run_folder_factory import make_run_folder
-    from voxlib.analysis import birthplace_report, verdict
+    from voxlib.verdict import birthplace_report, verdict
 
     run = make_run_folder(tmp_path / "run", birthplace_unseen=0.9)
     confounded = synthetic_conditions(classes=3, speakers=4, rows=5, confounded=True, seed=0)
@@ -187,7 +187,7 @@ def test_the_verdict_names_the_confound_first_and_only_when_flagged(tmp_path):
 
 def test_the_verdict_names_classes_too_small_for_unseen_speakers(tmp_path):
     from run_folder_factory import make_run_folder
-    from voxlib.analysis import verdict
+    from voxlib.verdict import verdict
 
     run = make_run_folder(tmp_path / "run", speakers=(4, 4, 1, 2), unseen=(1, 1, 0, 0))
     lines = [line for line in verdict(run, probe=False) if "never among the unseen speakers" in line]

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from run_folder_factory import make_run_folder  # noqa: E402
 
-from voxlib import analysis, plots  # noqa: E402
+from voxlib import analysis, plots, verdict  # noqa: E402
 from voxlib.evaluate import (  # noqa: E402
     HELD_OUT_SPLITS,
     RunError,
@@ -188,7 +188,7 @@ def test_plots_return_closed_figures_with_expected_axes(tmp_path):
     other = load_run(make_run_folder(tmp_path / "b"))
     sized = load_run(make_run_folder(tmp_path / "c", speakers=(5, 3, 2)))  # classes of different sizes
     before = plt.get_fignums()
-    report = analysis.birthplace_report(run)
+    report = verdict.birthplace_report(run)
     figures = {
         "loss": (plots.learning_curves(learning_curves(run)), 3),
         "acc": (plots.learning_curves(learning_curves(run, "acc"), "accuracy"), 3),
@@ -196,7 +196,7 @@ def test_plots_return_closed_figures_with_expected_axes(tmp_path):
         "recall": (plots.recall_vs_size(analysis.class_size_table(sized)), 1),
         "embedding": (plots.embedding_scatter(report["projection"]), 2),
         "seen_unseen": (plots.seen_unseen_bars(report["seen_unseen"]), 1),
-        "compare": (plots.compare_runs(analysis.compare_runs(run, other)), 1),
+        "compare": (plots.compare_runs(verdict.compare_runs(run, other)), 1),
         "gradient": (plots.gradient_share(report["gradient_share"]), 1),
     }
     for name, (fig, n_axes) in figures.items():
@@ -212,7 +212,7 @@ def test_a_plot_that_would_show_nothing_is_a_sentence(tmp_path):
     """Classes of one size make recall-vs-size a single vertical column of dots, and one epoch makes the
     gradient share a stack of zero width: each becomes one sentence, shown as Markdown."""
     run = load_run(make_run_folder(tmp_path / "a", epochs=1))  # 4 training speakers in every class
-    report = analysis.birthplace_report(run)
+    report = verdict.birthplace_report(run)
     recall = plots.recall_vs_size(report["class_sizes"])
     assert isinstance(recall, plots.Sentence) and recall.startswith("Every class has 4 training speakers, so recall")
     assert "Every class has 4 training speakers" in recall._repr_markdown_()

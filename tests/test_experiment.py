@@ -204,7 +204,7 @@ def pooled_folder(root: Path, unseen: tuple[float, float]) -> runfolder.Pooled:
 
 
 def test_the_verdict_uses_the_pooled_numbers_and_interval(tmp_path):
-    from voxlib.analysis import measures, verdict_from_measures
+    from voxlib.verdict import measures, verdict_from_measures
 
     strong = pooled_folder(tmp_path / "strong", (0.8, 1.0))  # chance and majority are 1/3
     m = measures(strong.member(0), pooled=strong, probe=False)

@@ -97,7 +97,7 @@ def as_table(values: dict, name: str = "value"):
 
 
 def publish_headline(table, caption: str = ""):
-    """Show analysis.headline's table and store it as data (HEADLINE_MIME) in the same output, so that
+    """Show verdict.headline's table and store it as data (HEADLINE_MIME) in the same output, so that
     index.html repeats exactly what notebook 03 shows without recomputing the reference baselines."""
     from voxlib.plots import styled  # matplotlib and seaborn: see as_table
 

@@ -59,7 +59,7 @@ def styled(table: pd.DataFrame, caption: str = "", share_rows: Sequence = ()):
     number hidden, and ``caption`` above it (say which run or pooling a table shows).
 
     ``share_rows``: index labels of rows that hold shares whatever their column (a table of measures
-    with one run per column, as analysis.compare_runs makes).
+    with one run per column, as verdict.compare_runs makes).
     """
     table = table.loc[:, [c for c in table.columns if not table[c].isna().all()]] if len(table) else table
     style = table.style
@@ -267,7 +267,7 @@ def seen_unseen_bars(table: pd.DataFrame) -> Figure:
 
 @literal_labels
 def compare_runs(comparison: pd.DataFrame, measures: Sequence[str] = COMPARE_MEASURES) -> Figure:
-    """Two (or more) runs side by side on the fraction-valued measures of ``analysis.compare_runs``."""
+    """Two (or more) runs side by side on the fraction-valued measures of ``verdict.compare_runs``."""
     runs = [c for c in comparison.columns if c != "difference"]
     keep = [m for m in measures if m in comparison.index]
     long = comparison.loc[keep, runs].reset_index().melt(id_vars="measure", var_name="run", value_name="value")
