@@ -86,7 +86,8 @@ def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int 
     found = confound.for_head(head) if confound is not None else None
     out["confounded"] = bool(found["confounded"]) if found else None
     if found:
-        out |= {f"confound_{key}": found[key] for key in ("balanced_accuracy", "chance", "low", "high", "strongest")}
+        out |= {f"confound_{key}": found[key]
+                for key in ("balanced_accuracy", "chance", "low", "high", "strongest", "speakers")}
     out["unseen_min_speakers"] = int(run.config.get("unseen_min_speakers", 3))
     small = too_few_speakers(run.splits, head, out["unseen_min_speakers"])
     out["too_few_for_unseen"] = [f"{c} ({n})" for c, n in zip(small["class"], small["speakers"])]
@@ -218,7 +219,8 @@ def verdict_from_measures(m: dict) -> list[str]:
         causes += 1
         lines.append(f"{head} is confounded with recording conditions: a classifier on recording conditions alone "
                      f"(no speech content) reaches balanced accuracy {percent(m['confound_balanced_accuracy'])} "
-                     f"[{percent(m['confound_low'])}, {percent(m['confound_high'])}] on held-out speakers vs "
+                     f"[{percent(m['confound_low'])}, {percent(m['confound_high'])}] on held-out speakers (each of the "
+                     f"{m['confound_speakers']} speakers of the corpus held out in turn) vs "
                      f"{percent(m['confound_chance'])} for the majority class (most tied: {m['confound_strongest']}); "
                      f"what the model learned about {head} may be the recording set-up, so read what follows with "
                      "that confound in mind")
