@@ -253,17 +253,17 @@ def confound_lines(check: ConfoundCheck) -> list[str]:
     held against, in words that agree with the interval (see :func:`finding`)."""
     lines = []
     for row in sorted(check.summary.to_dict("records"), key=lambda r: not r["confounded"]):
-        numbers = (f"a classifier on recording conditions alone reaches balanced accuracy {percent(row['balanced_accuracy'])} "
-                   f"[{percent(row['low'])}, {percent(row['high'])}] on held-out speakers vs {percent(row['chance'])} for the "
-                   "majority class")
-        rule = (f"a confound needs at least {percent(row['threshold'])} (chance + {CONFOUND_MARGIN * 100:.0f} percentage "
-                "points) with the whole interval above chance")
+        numbers = (f"a classifier on recording conditions alone reaches balanced accuracy "
+                   f"{percent(row['balanced_accuracy'])} [{percent(row['low'])}, {percent(row['high'])}] on held-out "
+                   f"speakers vs {percent(row['chance'])} for the majority class")
+        rule = (f"a confound needs at least {percent(row['threshold'])} (chance + {CONFOUND_MARGIN * 100:.0f} "
+                "percentage points) with the whole interval above chance")
         if row["finding"] == CONFOUNDED:
             lines.append(f"{row['head']} is confounded with recording conditions: {numbers}; {rule}; most tied to the "
                          f"label: {row['strongest']}")
         elif row["finding"] == WEAK_LINK:
-            lines.append(f"{row['head']}: a weak link with recording conditions, below the confound threshold: {numbers}, "
-                         f"so the set-up tells the classes apart a little; {rule}; most tied to the label: "
+            lines.append(f"{row['head']}: a weak link with recording conditions, below the confound threshold: "
+                         f"{numbers}, so the set-up tells the classes apart a little; {rule}; most tied to the label: "
                          f"{row['strongest']}")
         else:
             lines.append(f"{row['head']}: no link with recording conditions found: {numbers}, and the interval reaches "

@@ -73,7 +73,8 @@ def styled(table: pd.DataFrame, caption: str = "", share_rows: Sequence = ()):
     style = style.format_index(escape="html", axis=0).format_index(escape="html", axis=1)
     if caption:
         style = style.set_caption(html_text(caption)).set_table_styles(
-            [{"selector": "caption", "props": "caption-side: top; text-align: left; font-weight: bold; white-space: nowrap;"}])
+            [{"selector": "caption",
+              "props": "caption-side: top; text-align: left; font-weight: bold; white-space: nowrap;"}])
     # a plain 0..n-1 row number says nothing a reader needs
     return style.hide(axis="index") if isinstance(table.index, pd.RangeIndex) else style
 

@@ -79,8 +79,8 @@ def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int 
     """
     run = as_run(run)
     nan = float("nan")
-    out: dict = {"run": run.name, "head": head, "has_head": has_head(run, head), "has_speaker_head": has_head(run, "speaker"),
-                 "pooled": False, "scope": "", "member": run.name}
+    out: dict = {"run": run.name, "head": head, "has_head": has_head(run, head),
+                 "has_speaker_head": has_head(run, "speaker"), "pooled": False, "scope": "", "member": run.name}
     if not out["has_head"]:
         return out
     found = confound.for_head(head) if confound is not None else None
