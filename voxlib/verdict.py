@@ -212,7 +212,6 @@ def verdict_from_measures(m: dict) -> list[str]:
     pooled = f" ({m['scope']})" if m.get("pooled") else ""  # numbers pooled over the members
     one_run = f" ({m['member']} only)" if m.get("pooled") else ""  # numbers of the member shown
     in_run = f"; {m['member']} only" if m.get("pooled") else ""  # the same inside parentheses
-    in_pooled = f"; {m['scope']}" if m.get("pooled") else ""
     ok = lambda *keys: all(k in m and m[k] is not None and not (isinstance(m[k], float) and math.isnan(m[k]))
                            for k in keys)  # noqa: E731
     if m.get("confounded"):  # before any other explanation: every number below may be about the channel
@@ -265,16 +264,18 @@ def verdict_from_measures(m: dict) -> list[str]:
     elif ok("accuracy_seen", "through_speaker_seen"):
         h, t = m["accuracy_seen"], m["through_speaker_seen"]
         floor = max(m["majority_seen"], m["chance"])
-        mapped = f"speaker→{head} (the speaker head's guess mapped to that speaker's {head})"
+        # what speaker->head means, and for a pooled folder that both numbers are pooled
+        mapped = f"speaker→{head} ({m['scope'] + '; ' if m.get('pooled') else ''}the speaker head's guess mapped to " \
+                 f"that speaker's {head})"
         if t - floor < SIGNAL_MARGIN:
-            lines.append(f"{mapped} gives only {percent(t)} on seen speakers (baseline {percent(floor)}{in_pooled}): the "
+            lines.append(f"{mapped} gives only {percent(t)} on seen speakers (baseline {percent(floor)}): the "
                          f"speaker head has not learned identity well enough to tell whether the {head} head uses it")
         elif t - h >= IDENTITY_GAP:
             causes += 1
-            lines.append(f"{head} head reaches {percent(h)} on seen speakers while {mapped} gives {percent(t)}{pooled}, "
+            lines.append(f"{head} head reaches {percent(h)} on seen speakers while {mapped} gives {percent(t)}, "
                          f"{points(t - h)} more: the head under-uses identity")
         else:
-            lines.append(f"{head} head reaches {percent(h)} on seen speakers against {percent(t)} for {mapped}{pooled}, "
+            lines.append(f"{head} head reaches {percent(h)} on seen speakers against {percent(t)} for {mapped}, "
                          f"{points(max(t - h, 0.0))} lower; less than {points(IDENTITY_GAP)} lower counts as using "
                          "what identity tells it, as it does here")
     if ok("accuracy_seen", "accuracy_unseen") and m["gap"] >= MEMORISATION_GAP:
