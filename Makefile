@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# one pytest-xdist worker per core; a test file stays on one worker, so its module fixtures are built once
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # 3 speaker folds: every demo speaker is unseen once (3 trainings; see README, Splits)
 demo: $(STAMP)

@@ -2,13 +2,37 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from voxlib.config import usable_cores
+
 BIRTHPLACES = ("north", "south", "east")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``: one worker per core) each worker gets its share of the cores.
+
+    torch, MKL and OpenMP otherwise start one thread per core in every worker and in every command a
+    test starts (trainings, notebook kernels, torchrun), and N workers on N cores would run N x N
+    threads that mostly wait for each other. The environment reaches the commands; ``set_num_threads``
+    covers torch and the BLAS libraries in the worker itself, which may have been loaded before this ran.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    threads = str(max(1, usable_cores() // workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(name, threads)
+    import torch  # heavy: imported here only when workers share the cores
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    threadpool_limits(int(os.environ["OMP_NUM_THREADS"]))  # numpy's and scikit-learn's BLAS, already loaded
 
 
 def synth_clip(f0: float, tilt: float, seconds: float, sr: int, rng: np.random.Generator) -> np.ndarray:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -90,7 +91,20 @@ def install(phase: str, marker: str) -> None:
         raise SystemExit(f"unknown phase {phase!r}")
 
 
+def terminal_signals() -> None:
+    """SIGINT and SIGTERM as a command started from a terminal gets them.
+
+    A shell without job control starts a background job (``nohup make test &``) with SIGINT ignored, and
+    an ignored signal stays ignored across exec: the command and every process it starts would then
+    never see the Ctrl-C the test sends. A Python handler is reset to the default on exec, so the
+    command's own children (pool workers, the notebook kernel) start with the default too.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main() -> int:
+    terminal_signals()
     phase, marker, _, module, *args = sys.argv[1:]
     install(phase, marker)
     from voxlib.cli import run_command

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from run_folder_factory import make_run_folder  # noqa: E402
 
-from voxlib import analysis, plots  # noqa: E402
+from voxlib import analysis, plots, verdict  # noqa: E402
 from voxlib.evaluate import (  # noqa: E402
     HELD_OUT_SPLITS,
     RunError,
@@ -186,16 +186,17 @@ def test_unknown_head_is_named(tmp_path):
 def test_plots_return_closed_figures_with_expected_axes(tmp_path):
     run = load_run(make_run_folder(tmp_path / "a", probe_signal=3.0, regions=("n", "n", "s")))
     other = load_run(make_run_folder(tmp_path / "b"))
+    sized = load_run(make_run_folder(tmp_path / "c", speakers=(5, 3, 2)))  # classes of different sizes
     before = plt.get_fignums()
-    report = analysis.birthplace_report(run)
+    report = verdict.birthplace_report(run)
     figures = {
         "loss": (plots.learning_curves(learning_curves(run)), 3),
         "acc": (plots.learning_curves(learning_curves(run, "acc"), "accuracy"), 3),
         "confusion": (plots.confusion_heatmap(report["confusion_unseen"]), 2),  # heatmap + colour bar
-        "recall": (plots.recall_vs_size(report["class_sizes"]), 1),
+        "recall": (plots.recall_vs_size(analysis.class_size_table(sized)), 1),
         "embedding": (plots.embedding_scatter(report["projection"]), 2),
         "seen_unseen": (plots.seen_unseen_bars(report["seen_unseen"]), 1),
-        "compare": (plots.compare_runs(analysis.compare_runs(run, other)), 1),
+        "compare": (plots.compare_runs(verdict.compare_runs(run, other)), 1),
         "gradient": (plots.gradient_share(report["gradient_share"]), 1),
     }
     for name, (fig, n_axes) in figures.items():
@@ -205,6 +206,19 @@ def test_plots_return_closed_figures_with_expected_axes(tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     assert plt.get_fignums() == before
     assert figures["recall"][0].axes[0].get_xscale() == "log"
+
+
+def test_a_plot_that_would_show_nothing_is_a_sentence(tmp_path):
+    """Classes of one size make recall-vs-size a single vertical column of dots, and one epoch makes the
+    gradient share a stack of zero width: each becomes one sentence, shown as Markdown."""
+    run = load_run(make_run_folder(tmp_path / "a", epochs=1))  # 4 training speakers in every class
+    report = verdict.birthplace_report(run)
+    recall = plots.recall_vs_size(report["class_sizes"])
+    assert isinstance(recall, plots.Sentence) and recall.startswith("Every class has 4 training speakers, so recall")
+    assert "Every class has 4 training speakers" in recall._repr_markdown_()
+    share = plots.gradient_share(report["gradient_share"])
+    assert isinstance(share, plots.Sentence) and share.startswith("One epoch only")
+    assert all(f"{head} " in share for head in run.heads) and share.count("%") == len(run.heads)
 
 
 def test_accuracy_curves_draw_chance_and_majority_once_each_or_merged(tmp_path):
@@ -237,8 +251,22 @@ def test_tables_show_shares_as_percent_without_row_numbers():
     assert ">50.0%<" in html and ">25.0%<" in html and ">0<" not in html  # no 0..n-1 index column
     named = plots.styled(pd.DataFrame({"accuracy": [0.5]}, index=["sex"])).to_html()
     assert ">sex<" in named  # a meaningful index stays
-    table = as_table({"head": "birthplace", "probe_accuracy": 0.1875, "slope": -0.2262311, "n_test": 80})
-    assert table["value"].tolist() == ["birthplace", "18.8%", "-0.2262", 80]
+    table = as_table({"head": "birthplace", "probe_accuracy": 0.1875, "slope": -0.02292311, "n_test": 80,
+                      "relative_change": -0.213})
+    assert table["value"].tolist() == ["birthplace", "18.8%", "-0.023", "80", "-21.3%"]
+
+
+def test_tables_use_one_number_format_and_leave_out_empty_columns():
+    """Counts as integers (never 1.92e+03), shares as percent with one decimal (never 0.992188), other
+    numbers in fixed notation; a column with no value at all (a spread over seeds of one seed) is left out."""
+    frame = pd.DataFrame({"head": ["birthplace", "sex"], "unseen": [0.992188, 0.5], "unseen_n": [1920.0, np.nan],
+                          "seen_std_over_seeds": [np.nan, np.nan], "level_dbfs_median": [-42.3456, 7812.5],
+                          "slope": [-0.02292, 0.00012]})
+    html = plots.styled(frame, caption="fold0 only").to_html()
+    assert ">99.2%<" in html and ">50.0%<" in html and ">1,920<" in html
+    assert ">-42.3<" in html and ">7,812<" in html and ">-0.023<" in html and ">0.00012<" in html
+    assert "e+" not in html and "0.992188" not in html and "seen_std_over_seeds" not in html
+    assert ">fold0 only</caption>" in html
 
 
 def test_confusion_heatmap_scales_with_many_classes():

@@ -14,7 +14,7 @@ import pytest
 import voxlib.record as record
 from run_folder_factory import make_run_folder
 from voxlib import experiment, runfolder
-from voxlib.analysis import pooled_over_folds
+from voxlib.pooled import pooled_over_folds
 from voxlib.config import Config, ConfigError
 from voxlib.corpora.source import default_run_dir
 from voxlib.train import train
@@ -205,7 +205,7 @@ def pooled_folder(root: Path, unseen: tuple[float, float]) -> runfolder.Pooled:
 
 
 def test_the_verdict_uses_the_pooled_numbers_and_interval(tmp_path):
-    from voxlib.analysis import measures, verdict_from_measures
+    from voxlib.verdict import measures, verdict_from_measures
 
     strong = pooled_folder(tmp_path / "strong", (0.8, 1.0))  # chance and majority are 1/3
     m = measures(strong.member(0), pooled=strong, probe=False)

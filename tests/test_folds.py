@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import speaker_table
-from voxlib.analysis import pooled_over_folds
+from voxlib.pooled import pooled_over_folds
 from voxlib.config import Config
 from voxlib.data import make_splits, unseen_folds
 

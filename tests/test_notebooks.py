@@ -104,13 +104,20 @@ def test_reports_have_no_stderr_block(chain, name):
     assert [o["name"] for o in streams if o["name"] == "stderr"] == [], [o["text"][:200] for o in streams]
 
 
-def test_birthplace_report_has_the_confusion_matrix_and_ends_with_the_verdict(chain):
+def test_birthplace_report_leads_with_the_verdict_hides_code_and_has_the_confusion_matrix(chain):
     page = (chain.run_dir / "reports" / "03_birthplace.html").read_text()
-    section = page.split("Birthplace confusion matrix")[1].split("Per-class precision")[0]
+    verdict = page.split(">Verdict<", 1)[1].split("Headline: the discriminator beside reference baselines")[0]
+    assert "<li>" in verdict and "<img" not in verdict and "<table" not in verdict
+    headline = page.split("Headline: the discriminator beside reference baselines")[1].split("Pooled over folds")[0]
+    assert ">mfcc<" in headline and ">discriminator<" in headline and ">one run<" in headline
+    section = page.split("Birthplace confusion matrices")[1].split("Per-class precision")[0]
     assert "<img" in section
     assert "top3" in page and "balanced_accuracy" in page
-    verdict = page.rsplit("Verdict", 1)[1]
-    assert "<li>" in verdict and "<img" not in verdict and "<table" not in verdict
+    assert "birthplace_report" not in page and "hl-ipython3" not in page  # no code cell
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", page)
+    assert cells and not [c for c in cells if re.search(r"\d[eE][+-]\d", c)]  # no scientific notation in a table
+    code = (chain.run_dir / "reports" / "03_birthplace-code.html").read_text()
+    assert "birthplace_report" in code and "hl-ipython3" in code and 'href="03_birthplace.html"' in code
 
 
 def test_corpus_labels_are_escaped_everywhere(chain):
@@ -130,26 +137,47 @@ def test_headline_numbers_cover_every_head_on_both_test_sets(chain):
     assert ((table["accuracy"] >= 0) & (table["accuracy"] <= 1)).all()
 
 
-def test_a_pooled_folder_is_reported_pooled_with_its_interval(tiny_corpus, tmp_path, monkeypatch):
-    """folds=2 through report.py: 02 trains both folds, 03 and index.html report the pooled numbers."""
+def test_a_pooled_folder_is_reported_pooled_with_its_interval(tiny_corpus, tmp_path, monkeypatch, capsys):
+    """folds=2 through report.py: 02 trains both folds while the terminal shows each fold and epoch, 03 and
+    index.html report the pooled numbers beside the reference baselines, and every number of the verdict
+    says whether it is pooled or one fold's."""
     import json
 
     monkeypatch.setenv("VOX_OUTPUTS", str(tmp_path / "outputs"))
     report = run_report(str(tiny_corpus), str(tmp_path / "run"), dict(FAST, epochs=1, folds=2,
-                                                                    cache_dir=str(tmp_path / "cache")), progress=False)
+                                                                    cache_dir=str(tmp_path / "cache")))
     assert report.ok, [s.error for s in report.stages]
+    terminal = capsys.readouterr().out.splitlines()
+    assert terminal[0].startswith("01_explore ... ok in") and terminal[1] == "02_train ..."
+    assert "  member 1 of 2: fold0 (fold 1 of 2, seed 0)" in terminal
+    assert any(line.startswith("  fold0 epoch 1/1 (") and "[1/2 epochs, about " in line for line in terminal), terminal
+    assert any(line.startswith("  fold1 epoch 1/1 (") and line.endswith("[2/2 epochs]") for line in terminal), terminal
+    assert [line.split(" ok in")[0] for line in terminal if " ok in " in line] == [
+        "01_explore ...", "02_train", "03_birthplace ..."]
     assert (report.run_dir / "fold0" / "summary.json").is_file() and (report.run_dir / "fold1" / "summary.json").is_file()
     unseen = json.loads((report.run_dir / "pooled.json").read_text())["birthplace"]["unseen"]
     stated = f"{unseen['accuracy']:.1%} [{unseen['low']:.1%}, {unseen['high']:.1%}]"
     index = report.index.read_text()
-    assert "Pooled over 2 speaker fold(s) x 1 training seed(s)" in index
-    assert stated in index.replace("<b>", "").replace("</b>", "")
-    assert "pooled over 2 folds x 1 seed(s)" in index  # the verdict, copied from notebook 03
+    found = index.split("What the run found")[1].split("<h2>")[0]
+    assert "<b>Pooled over 2 folds</b>" in found and "<th>MFCC statistics + logistic regression</th>" in found
+    assert stated in found.split("<td>birthplace</td><td>unseen</td>")[1].split("</tr>")[0]
+    verdict = index.split("Verdict: why is the birthplace head weak?")[1].split("</ul>")[0]
+    assert "pooled over 2 folds x 1 seed(s)" in verdict  # copied from notebook 03
+    for line in verdict.split("<li>")[1:]:
+        assert "%" not in line or any(where in line for where in ("pooled over 2 folds", "fold0 only)",
+                                                                     "speakers of the corpus held out")), line
+    settings = index.split("Settings of this run")[1]
+    run_dir = settings.split("<td>run_dir</td>")[1].split("</tr>")[0]
+    assert str(report.run_dir) in run_dir and "fold0" not in run_dir
     page = (report.run_dir / "reports" / "03_birthplace.html").read_text()
-    assert "Pooled over folds and seeds" in page and "unseen_low" in page
+    assert page.index(">Verdict<") < page.index("Headline: the discriminator") < page.index("One run in detail")
+    assert "Pooled over folds and seeds" in page and "unseen_low" in page and "fold0 only, one of 2 runs" in page
     assert "pooled over 2 runs, each fitted on its own split" in page  # the reference baselines
     assert f"{unseen['accuracy']:.1%} [{unseen['low']:.1%}" in page  # the verdict: percent with one decimal
-    assert "fold0" in (report.run_dir / "reports" / "02_train.html").read_text()
+    assert "seen_std_over_seeds" not in page  # one seed: no spread over seeds, no empty column
+    train_page = (report.run_dir / "reports" / "02_train.html").read_text()
+    assert "fold0 only, one of 2 runs" in train_page and "final accuracy of each run" in train_page
+    assert "it/s]" not in train_page and "%|" not in train_page  # no progress bar reached the HTML
 
 
 # --- failures -------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from nbformat.v4 import new_code_cell, new_notebook, new_output
 
 from voxlib.cli import run_command
 from voxlib.config import ConfigError
-from voxlib.notebook import escape_markdown
+from voxlib.notebook import HEADLINE_MIME, escape_markdown
 from voxlib.report import Report, Stage, export_html, main, notebook_parameters, parse_value, write_index
 
 EVIL = "<script>alert(1)</script>"
@@ -74,6 +74,19 @@ def test_html_export_is_self_contained(tmp_path):
     assert "<script src=" not in page and "cdn" not in page.lower()
 
 
+def test_the_report_page_hides_code_and_links_to_the_page_with_code(tmp_path):
+    nb = new_notebook(cells=[new_code_cell("secret_variable = 41 + 1\nsecret_variable", execution_count=1, outputs=[
+        new_output("execute_result", data={"text/plain": "42"}, execution_count=1)])])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    source = tmp_path / "nb.ipynb"
+    nbformat.write(nb, source)
+    report = export_html(source, tmp_path / "nb.html", code=False, other_page=tmp_path / "nb-code.html").read_text()
+    code = export_html(source, tmp_path / "nb-code.html", code=True, other_page=tmp_path / "nb.html").read_text()
+    assert "42" in report and "secret_variable" not in report and "In&nbsp;[" not in report
+    assert 'href="nb-code.html"' in report and "Show the code" in report
+    assert "secret_variable" in code and 'href="nb.html"' in code and "Hide the code" in code
+
+
 def _run_with_evil_label(root: Path) -> Path:
     """A synthetic run whose largest birthplace class is called like an XSS payload."""
     from run_folder_factory import make_run_folder
@@ -100,4 +113,30 @@ def test_index_shows_headline_numbers_and_escapes_labels(tmp_path):
     assert "majority baseline" in page
     birthplace_seen = page.split("<td>birthplace</td><td>seen_test</td>")[1].split("</tr>")[0]
     assert "<b>100.0%</b>" in birthplace_seen and "50.0% (&lt;script&gt;" in birthplace_seen
-    assert "03_birthplace</td><td></td><td>not run" in page
+    assert "03_birthplace</td><td></td><td></td><td>not run" in page
+
+
+def test_index_leads_with_the_published_headline_beside_the_reference_baselines(tmp_path):
+    """Notebook 03 publishes its headline table as data; index.html shows it first, with the reference
+    baseline columns, the pooled interval, the best number of each row in bold, and every label escaped."""
+    run = _run_with_evil_label(tmp_path)
+    columns = ["head", "speakers", "scope", "n", "discriminator", "low", "high", "mfcc", "majority", "chance"]
+    rows = [["birthplace", "seen", "pooled over 3 folds", 960, 0.953, None, None, 0.958, 0.125, 0.125],
+            ["birthplace", "unseen", "pooled over 3 folds", 1920, 0.256, 0.174, 0.353, 0.594, 0.125, 0.125],
+            [EVIL, "unseen", "pooled over 3 folds", 1920, 0.997, 0.993, 1.0, 0.95, 0.5, 0.5]]
+    executed = run / "notebooks" / "03_birthplace.ipynb"
+    executed.parent.mkdir(parents=True)
+    nb = new_notebook(cells=[new_code_cell("publish_headline(table)", outputs=[new_output("display_data", data={
+        "text/html": "<table></table>", HEADLINE_MIME: {"columns": columns, "rows": [dict(zip(columns, r)) for r in rows]}})])])
+    nbformat.write(nb, executed)
+    stages = [Stage(n, run / "notebooks" / f"{n}.ipynb", run / "reports" / f"{n}.html", 1.5)
+              for n in ("01_explore", "02_train", "03_birthplace")]
+    page = write_index(Report(run, run / "reports" / "index.html", stages), {}).read_text()
+    assert page.index("What the run found") < page.index("<h2>Reports</h2>") < page.index("Settings of this run")
+    assert "<th>MFCC statistics + logistic regression</th>" in page and "encoder" not in page
+    unseen = page.split("<td>birthplace</td><td>unseen</td>")[1].split("</tr>")[0]
+    assert "25.6% [17.4%, 35.3%]" in unseen and "<td class='num best'>59.4%</td>" in unseen
+    seen = page.split("<td>birthplace</td><td>seen</td>")[1].split("</tr>")[0]
+    assert "<td class='num'>95.3%</td>" in seen and "[" not in seen  # no interval on seen speakers
+    assert "<b>Pooled over 3 folds</b>" in page
+    assert EVIL not in page and "<td>&lt;script&gt;alert(1)&lt;/script&gt;</td>" in page

@@ -98,20 +98,25 @@ def _status(p: psutil.Process) -> str:
 
 # phase -> descendants expected while paused (pool workers, loader workers, helper, kernel)
 PHASES = {"validation": 2, "cache": 2, "demo": 2, "epoch": 2, "write": 0, "predict": 0, "report": 1}
-CASES = [(phase, signal.SIGTERM) for phase in PHASES] + [
-    (phase, signal.SIGINT) for phase in ("validation", "cache", "epoch", "report")]
+CASES = [(phase, signal.SIGTERM, "") for phase in PHASES] + [
+    (phase, signal.SIGINT, "") for phase in ("validation", "cache", "epoch", "report")] + [
+    ("validation", signal.SIGINT, "background")]  # started as `nohup make test &` starts it: SIGINT ignored
+# a shell without job control starts a background job with SIGINT ignored, and exec keeps it ignored
+BACKGROUND = ["/bin/sh", "-c", 'trap "" INT; exec "$@"', "sh"]
 
 
-@pytest.mark.parametrize("phase,signum", CASES, ids=[f"{p}-{signal.Signals(s).name}" for p, s in CASES])
-def test_a_signal_in_any_phase_ends_cleanly_and_the_command_then_finishes(phase, signum, tiny_corpus, trained,
-                                                                         tmp_path):
+@pytest.mark.parametrize("phase,signum,started", CASES,
+                         ids=["-".join(filter(None, [p, signal.Signals(s).name, b])) for p, s, b in CASES])
+def test_a_signal_in_any_phase_ends_cleanly_and_the_command_then_finishes(phase, signum, started, tiny_corpus,
+                                                                         trained, tmp_path):
     if phase == "demo" and shutil.which("espeak-ng") is None:
         pytest.importorskip("espeakng_loader")
     module, args = command(phase, tiny_corpus, lambda: trained, tmp_path)
     env = environment(tmp_path)
     marker = tmp_path / "reached"
-    proc = subprocess.Popen([sys.executable, str(RUNNER), phase, str(marker), "--", module, *args], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    launcher = BACKGROUND if started == "background" else []
+    proc = subprocess.Popen([*launcher, sys.executable, str(RUNNER), phase, str(marker), "--", module, *args],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group: SIGINT to the group is Ctrl-C
     try:
         deadline = time.monotonic() + REACH_S
@@ -137,8 +142,8 @@ def test_a_signal_in_any_phase_ends_cleanly_and_the_command_then_finishes(phase,
     assert alive(descendants) == []
     assert left_behind(tmp_path) == []
 
-    if phase == "report" and signum == signal.SIGINT:
-        return  # both signals end through the same clean-up; the SIGTERM case re-runs the report (~40 s)
+    if phase == "report" and signum == signal.SIGINT or started:
+        return  # the same clean-up as the cases above, which re-run the command (the report: ~40 s)
     again = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -12,9 +12,9 @@ The candidate explanations and the number that tests each one:
    any unseen speaker, scored on unseen speakers beside the head on the same utterances;
 6. training stopped early or the head is starved: loss slope at the end, share of the trunk gradient.
 
-``verdict`` turns those numbers into sentences with explicit thresholds (the constants below), so the
-conclusions are recomputed for every run rather than written by hand. Everything takes a ``head``
-argument (default ``birthplace``) so the same questions can be asked of another label.
+voxlib.verdict turns those numbers into sentences with explicit thresholds, so the conclusions are
+recomputed for every run rather than written by hand. Everything takes a ``head`` argument (default
+``birthplace``) so the same questions can be asked of another label.
 """
 from __future__ import annotations
 
@@ -33,41 +33,24 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
-from voxlib.corpora.labels import too_few_speakers
 from voxlib.evaluate import (
     HELD_OUT_SPLITS,
     SEEN_SPLITS,
     UNSEEN_SPLITS,
     Run,
     RunError,
-    accuracy_table,
     balanced_accuracy,
     class_sizes,
-    confusion,
     load_run,
     majority_class,
     per_class_metrics,
     scored,
     scores,
 )
-from voxlib.text import percent
 
 GROUPS = {"seen": SEEN_SPLITS, "unseen": UNSEEN_SPLITS}
 STANDARD_COLUMNS = {"row", "path", "rel_path", "speaker", "birthplace", "sex", "split", "start", "end"}
 
-# --- verdict thresholds (fractions of 1; a rule fires only when its number crosses its threshold) ---
-IDENTITY_GAP = 0.15  # speaker->birthplace beats the head on seen speakers by at least this
-MEMORISATION_GAP = 0.20  # seen-speaker minus unseen-speaker accuracy
-SIGNAL_MARGIN = 0.10  # unseen accuracy must beat max(chance, majority) by this to count as signal
-SMALL_CLASS_SHARE = 0.25  # share of classes with too few training speakers that makes size a cause
-IMBALANCE_GAP = 0.10  # plain minus balanced accuracy on unseen speakers
-PROBE_MARGIN = 0.10  # linear probe minus head on the same unseen-speaker utterances
-STILL_FALLING = 0.05  # relative loss drop over the final window that counts as "still falling"
-LOW_GRADIENT_SHARE = 0.5  # below this fraction of an equal share, a head is starved of gradient
-ROLLUP_GAIN = 0.15  # share of errors inside the true region beyond what random errors would give
-MIN_UTTERANCES = 30  # fewer scored utterances than this and the percentages are flagged as rough
-MIN_SPEAKERS = 5  # fewer unseen speakers than this and the percentages are flagged as rough
-EVIDENCE_Z = 2.0  # a difference must also exceed this many speaker-clustered standard errors
 TSNE_MAX = 2000  # t-SNE above this many points is slow and no clearer than PCA
 TSNE_THREADED_FROM = 1000  # below this many points t-SNE runs single-threaded (faster)
 
@@ -76,11 +59,12 @@ class ProbeUnavailable(RunError):
     """The run folder is fine but has too little to fit or score a probe (e.g. one class only)."""
 
 
-def _as_run(run: Run | str | Path) -> Run:
+def as_run(run: Run | str | Path) -> Run:
+    """A Run, read from its folder when given a path."""
     return run if isinstance(run, Run) else load_run(run)
 
 
-def _has(run: Run, head: str) -> bool:
+def has_head(run: Run, head: str) -> bool:
     return head in run.labels
 
 
@@ -126,7 +110,7 @@ def baselines(run: Run, head: str = "birthplace") -> pd.DataFrame:
         if rows.empty:
             continue
         record = {"set": name, **scores(run, head, rows)}
-        if _has(run, "speaker") and head != "speaker":
+        if has_head(run, "speaker") and head != "speaker":
             implied = through_speaker(run, head, splits)
             record["through_speaker"] = float((implied == rows[f"{head}_true"]).mean())
             record["agreement"] = float((implied == rows[f"{head}_pred"]).mean())
@@ -146,125 +130,6 @@ def clustered_se(per_speaker: pd.Series | np.ndarray) -> float:
     return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) >= 2 else float("inf")
 
 
-def pooled_over_folds(predictions: pd.DataFrame, head: str = "birthplace", n_boot: int = 2000,
-                      level: float = 0.95, seed: int = 0) -> dict:
-    """Unseen-speaker accuracy pooled over speaker folds, with an interval resampled over speakers.
-
-    ``predictions``: the scored unseen-speaker rows of every fold together, with columns ``fold``,
-    ``speaker``, ``{head}_true`` and ``{head}_pred``. Each speaker is unseen in exactly one fold, so the
-    pooled accuracy counts every held-out utterance once. The interval is a percentile bootstrap that
-    draws whole speakers with replacement (their utterances are not independent evidence), which is
-    what varies when a different set of voices is recorded. Returns ``accuracy, low, high, level, n,
-    speakers, folds, fold_accuracy ({fold: accuracy}), fold_std`` (spread of the per-fold accuracies).
-    """
-    folds_per_speaker = predictions.groupby("speaker")["fold"].nunique()
-    repeated = folds_per_speaker.index[folds_per_speaker > 1].tolist()
-    if repeated:
-        raise ValueError(f"speaker(s) {repeated[:5]} are unseen in more than one fold; folds must be disjoint")
-    if predictions.empty:
-        raise ValueError(f"no unseen-speaker {head} predictions to pool")
-    correct = (predictions[f"{head}_true"] == predictions[f"{head}_pred"]).astype(float)
-    low, high = _speaker_interval(correct, predictions["speaker"], n_boot, level, seed)
-    by_fold = correct.groupby(predictions["fold"]).mean()
-    return {"accuracy": float(correct.mean()), "low": low, "high": high, "level": level,
-            "n": len(correct), "speakers": int(predictions["speaker"].nunique()), "folds": len(by_fold),
-            "fold_accuracy": {int(f): float(a) for f, a in by_fold.items()},
-            "fold_std": float(by_fold.std(ddof=1)) if len(by_fold) > 1 else float("nan")}
-
-
-def _speaker_interval(correct: pd.Series, speaker: pd.Series, n_boot: int, level: float,
-                      seed: int) -> tuple[float, float]:
-    """Percentile bootstrap of the pooled accuracy, drawing whole speakers (with all their rows)."""
-    per_speaker = correct.groupby(speaker).agg(["sum", "count"])
-    draws = np.random.default_rng(seed).integers(0, len(per_speaker), size=(n_boot, len(per_speaker)))
-    hits, counts = per_speaker["sum"].to_numpy()[draws].sum(1), per_speaker["count"].to_numpy()[draws].sum(1)
-    low, high = np.quantile(hits / counts, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
-
-
-def pooled_over_seeds(predictions: pd.DataFrame, head: str = "birthplace", n_boot: int = 2000,
-                      level: float = 0.95, seed: int = 0) -> dict:
-    """:func:`pooled_over_folds` for every training seed of a pooled folder, combined.
-
-    ``predictions`` has a ``seed`` column besides ``fold``; within each seed every speaker is unseen in
-    one fold (the seed also deals the folds, so a speaker's fold may differ between seeds). The
-    accuracy counts every row of every seed; the interval draws whole speakers with their rows of
-    every seed; ``members`` lists each (seed, fold) run's accuracy and ``fold_std`` their spread;
-    ``seed_accuracy`` is each seed's pooled accuracy and ``seed_std`` their spread.
-    """
-    if predictions.empty:
-        raise ValueError(f"no unseen-speaker {head} predictions to pool")
-    per_seed = {int(s): pooled_over_folds(group, head, n_boot, level, seed)
-                for s, group in predictions.groupby("seed", sort=True)}
-    correct = (predictions[f"{head}_true"] == predictions[f"{head}_pred"]).astype(float)
-    low, high = _speaker_interval(correct, predictions["speaker"], n_boot, level, seed)
-    members = [{"seed": s, "fold": f, "accuracy": a} for s, r in per_seed.items() for f, a in r["fold_accuracy"].items()]
-    spread = pd.Series([m["accuracy"] for m in members])
-    seed_accuracy = pd.Series({s: r["accuracy"] for s, r in per_seed.items()})
-    return {"accuracy": float(correct.mean()), "low": low, "high": high, "level": level, "n": len(correct),
-            "speakers": int(predictions["speaker"].nunique()), "folds": max(r["folds"] for r in per_seed.values()),
-            "seeds": len(per_seed), "members": members,
-            "fold_std": float(spread.std(ddof=1)) if len(spread) > 1 else float("nan"),
-            "seed_accuracy": {s: float(a) for s, a in seed_accuracy.items()},
-            "seed_std": float(seed_accuracy.std(ddof=1)) if len(seed_accuracy) > 1 else float("nan")}
-
-
-def pooled_summary(member_scores: pd.DataFrame, predictions: pd.DataFrame, heads: Sequence[str],
-                   n_boot: int = 2000, level: float = 0.95) -> dict:
-    """Per head, the pooled numbers of a folds/seeds experiment (what ``pooled.json`` holds).
-
-    ``unseen``: :func:`pooled_over_seeds` of the pooled unseen-speaker rows, with the majority baseline
-    pooled the same way (each member's own training majority class, counted over its rows).
-    ``seen``: per seed, the accuracy over every member's seen-speaker rows (the folds of that seed
-    together); ``accuracy`` is the mean over seeds and ``std`` their spread (None for one seed).
-    """
-    def plain(value):
-        return None if isinstance(value, float) and math.isnan(value) else value
-
-    out: dict = {}
-    for head in heads:
-        mine = member_scores[member_scores["head"] == head]
-        entry: dict = {"chance": float(mine["chance"].iloc[0]) if len(mine) else None}
-        for group in GROUPS:
-            rows = mine[mine["group"] == group]
-            if rows.empty:
-                continue
-            weighted = rows.assign(hits=rows["n"] * rows["accuracy"], base=rows["n"] * rows["majority"])
-            per_seed = weighted.groupby("seed")[["hits", "base", "n"]].sum()
-            accuracy, majority = per_seed["hits"] / per_seed["n"], per_seed["base"] / per_seed["n"]
-            entry[group] = {"accuracy": float(accuracy.mean()), "majority": float(majority.mean()),
-                            "n": int(per_seed["n"].sum()), "seeds": len(per_seed),
-                            "std": plain(float(accuracy.std(ddof=1))) if len(per_seed) > 1 else None,
-                            "per_seed": {str(int(s)): float(a) for s, a in accuracy.items()}}
-        scored_rows = predictions[predictions.get(f"{head}_true", pd.Series("", index=predictions.index)) != ""]
-        if "unseen" in entry and len(scored_rows):
-            pooled = pooled_over_seeds(scored_rows, head, n_boot, level)
-            pooled["seed_accuracy"] = {str(s): a for s, a in pooled["seed_accuracy"].items()}
-            entry["unseen"] |= {k: plain(v) for k, v in pooled.items()}
-        out[head] = entry
-    return out
-
-
-def pooled_table(summary: dict) -> pd.DataFrame:
-    """The pooled headline per head: seen (mean and spread over seeds) and unseen (pooled, interval)."""
-    records = []
-    for head, entry in summary.items():
-        seen, unseen = entry.get("seen", {}), entry.get("unseen", {})
-        records.append({"head": head, "seen": seen.get("accuracy"), "seen_std_over_seeds": seen.get("std"),
-                        "seen_majority": seen.get("majority"), "unseen": unseen.get("accuracy"),
-                        "unseen_low": unseen.get("low"), "unseen_high": unseen.get("high"),
-                        "fold_std": unseen.get("fold_std"), "unseen_majority": unseen.get("majority"),
-                        "chance": entry.get("chance"), "unseen_speakers": unseen.get("speakers"),
-                        "unseen_n": unseen.get("n")})
-    return pd.DataFrame(records)
-
-
-def member_table(summary: dict, head: str = "birthplace") -> pd.DataFrame:
-    """Each member run's unseen-speaker accuracy for ``head`` (the per-fold spread, seed by seed)."""
-    unseen = summary.get(head, {}).get("unseen", {})
-    return pd.DataFrame(unseen.get("members", []), columns=["seed", "fold", "accuracy"])
-
-
 # --- 2. seen vs unseen speakers ---------------------------------------------------------------------
 def seen_unseen(run: Run, heads: Sequence[str] = ("birthplace", "sex")) -> pd.DataFrame:
     """Accuracy on held-out utterances of training speakers vs on unseen speakers, per head.
@@ -274,7 +139,7 @@ def seen_unseen(run: Run, heads: Sequence[str] = ("birthplace", "sex")) -> pd.Da
     independent evidence), ``speakers_unseen`` how many unseen speakers there are.
     """
     records = []
-    for head in [h for h in heads if _has(run, h)]:
+    for head in [h for h in heads if has_head(run, h)]:
         seen, unseen = (scored(run, head, GROUPS[g]) for g in ("seen", "unseen"))
         s, u = scores(run, head, seen), scores(run, head, unseen)
         per_seen, per_unseen = (speaker_accuracy(run, head, GROUPS[g]) for g in ("seen", "unseen"))
@@ -463,9 +328,9 @@ def linear_probe(run: Run, head: str = "birthplace", train_splits: Sequence[str]
     missing = sorted(set(rows_test) - set(pred.index))
     if missing:
         raise RunError(f"{run.path / 'predictions.csv'}: no predictions for {test_split} rows {missing[:5]}")
-    head_guess = pred.loc[rows_test, f"{head}_pred"].to_numpy() if _has(run, head) else None
-    majority = majority_class(run, head) if _has(run, head) else run.train[head].mode().sort_values().iloc[0]
-    n_classes = len(run.labels[head]) if _has(run, head) else run.train[head].nunique()
+    head_guess = pred.loc[rows_test, f"{head}_pred"].to_numpy() if has_head(run, head) else None
+    majority = majority_class(run, head) if has_head(run, head) else run.train[head].mode().sort_values().iloc[0]
+    n_classes = len(run.labels[head]) if has_head(run, head) else run.train[head].nunique()
     frame = pd.DataFrame({f"{head}_true": truth, f"{head}_pred": guess})
     test_speakers = info.loc[test, "speaker"].to_numpy()
     if head_guess is not None:  # paired per speaker: same utterances, probe minus head
@@ -528,333 +393,3 @@ def mean_gradient_share(run: Run) -> pd.Series:
         return pd.Series(dtype=float, name="share")
     means = grads.groupby("head")["grad_norm"].mean()
     return (means / means.sum()).rename("share")
-
-
-# --- summary numbers, verdict, report ---------------------------------------------------------------
-def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int = 5, probe: bool = True,
-             last_fraction: float = 0.2, probe_result: dict | None = None, confound=None, pooled=None) -> dict:
-    """Every headline number of the investigation as one flat dict (NaN / None where unavailable).
-
-    ``pooled``: a ``runfolder.Pooled`` experiment whose member ``run`` is; the seen and unseen accuracy,
-    majority, sizes and standard errors then come from the pooled numbers (every eligible speaker
-    unseen once, seen accuracy averaged over seeds), with the interval as ``unseen_low``/``unseen_high``.
-
-    ``probe_result``: an already fitted ``linear_probe`` result, so a report does not fit it twice.
-    ``confound``: a ``conditions.confound_check`` result for this run's corpus (it reads the audio, so
-    it is computed by the caller); its row for ``head`` becomes the ``confound_*`` keys.
-    """
-    run = _as_run(run)
-    nan = float("nan")
-    out: dict = {"run": run.name, "head": head, "has_head": _has(run, head), "has_speaker_head": _has(run, "speaker")}
-    if not out["has_head"]:
-        return out
-    found = confound.for_head(head) if confound is not None else None
-    out["confounded"] = bool(found["confounded"]) if found else None
-    if found:
-        out |= {f"confound_{key}": found[key] for key in ("balanced_accuracy", "chance", "low", "high", "strongest")}
-    out["unseen_min_speakers"] = int(run.config.get("unseen_min_speakers", 3))
-    small = too_few_speakers(run.splits, head, out["unseen_min_speakers"])
-    out["too_few_for_unseen"] = [f"{c} ({n})" for c, n in zip(small["class"], small["speakers"])]
-    base = baselines(run, head).set_index("set")
-    for group in GROUPS:
-        row = base.loc[group] if group in base.index else None
-        for key in ("accuracy", "balanced_accuracy", "top3", "majority", "n"):
-            out[f"{key}_{group}"] = float(row[key]) if row is not None else nan
-        has_through = row is not None and "through_speaker" in row
-        out[f"through_speaker_{group}"] = float(row["through_speaker"]) if has_through else nan
-    out["chance"] = 1.0 / len(run.labels[head])
-    out["gap"] = out["accuracy_seen"] - out["accuracy_unseen"]
-    per_seen, per_unseen = (speaker_accuracy(run, head, GROUPS[g]) for g in ("seen", "unseen"))
-    out["speakers_unseen"] = len(per_unseen)
-    out["se_unseen"] = clustered_se(per_unseen) if len(per_unseen) else nan
-    out["gap_se"] = float(np.hypot(clustered_se(per_seen), clustered_se(per_unseen))) if len(per_unseen) else nan
-    small = small_classes(run, head, min_speakers)
-    out |= {"n_classes": small["n_classes"], "n_small_classes": small["n_small"], "min_speakers": min_speakers}
-    roll = rollup(run, head)
-    out["coarse"] = roll["coarse"].iloc[0] if roll is not None and len(roll) else None
-    for group in GROUPS:
-        hit = roll[roll["set"] == group] if roll is not None else pd.DataFrame()
-        for key in ("coarse_accuracy", "coarse_majority", "errors_within", "errors_within_expected"):
-            out[f"{key}_{group}"] = float(hit[key].iloc[0]) if len(hit) else nan
-    out["probe_accuracy"] = out["probe_head_accuracy"] = out["probe_majority"] = out["probe_difference_se"] = nan
-    result = probe_result
-    if result is None and probe and run.has_embeddings:
-        try:
-            result = linear_probe(run, head)
-        except ProbeUnavailable:
-            result = None
-    if result is not None:
-        out |= {"probe_accuracy": result["probe_accuracy"], "probe_head_accuracy": result["head_accuracy"],
-                "probe_majority": result["majority"], "probe_difference_se": result["difference_se"]}
-    train_trend = loss_trend(run, head, "train", last_fraction)
-    val_trend = loss_trend(run, head, "unseen_val", last_fraction)
-    out |= {"loss_relative_change": train_trend["relative_change"], "loss_window": train_trend["window"],
-            "unseen_val_loss_relative_change": val_trend["relative_change"]}
-    if pooled is not None and head in pooled.summary and "low" in pooled.summary[head].get("unseen", {}):
-        out |= _pooled_keys(pooled, head, per_seen)
-    share = mean_gradient_share(run)
-    out["n_heads"] = len(run.heads)
-    out["gradient_share"] = float(share.get(head, nan))
-    out["gradient_share_speaker"] = float(share.get("speaker", nan))
-    return out
-
-
-def _pooled_keys(pooled, head: str, per_seen: pd.Series) -> dict:
-    """The measures a folds/seeds experiment replaces: pooled unseen, seen over seeds, their errors."""
-    entry = pooled.summary[head]
-    seen, unseen = entry["seen"], entry["unseen"]
-    rows = pooled.predictions[pooled.predictions[f"{head}_true"] != ""]
-    per_speaker = (rows[f"{head}_true"] == rows[f"{head}_pred"]).groupby(rows["speaker"]).mean()
-    se_unseen = clustered_se(per_speaker)
-    nan = float("nan")
-    return {"pooled": True, "folds": int(pooled.experiment["config"]["folds"]),
-            "seeds": int(pooled.experiment["config"]["seeds"]),
-            "accuracy_seen": seen["accuracy"], "majority_seen": seen["majority"], "n_seen": seen["n"],
-            "seen_std": seen["std"] if seen["std"] is not None else nan,
-            "accuracy_unseen": unseen["accuracy"], "majority_unseen": unseen["majority"], "n_unseen": unseen["n"],
-            "unseen_low": unseen["low"], "unseen_high": unseen["high"], "unseen_level": unseen["level"],
-            "fold_std": unseen["fold_std"] if unseen["fold_std"] is not None else nan,
-            "speakers_unseen": unseen["speakers"], "se_unseen": se_unseen,
-            "gap": seen["accuracy"] - unseen["accuracy"],
-            "gap_se": float(np.hypot(clustered_se(per_seen), se_unseen))}
-
-
-def _beyond_noise(difference: float, se: float | None) -> bool:
-    """True when a difference exceeds EVIDENCE_Z speaker-clustered standard errors."""
-    return se is not None and not math.isnan(se) and difference >= EVIDENCE_Z * se
-
-
-def _spread(se: float | None) -> str:
-    if se is None or math.isnan(se) or math.isinf(se):
-        return "(a single speaker)"
-    return f"(±{percent(EVIDENCE_Z * se)})"
-
-
-def verdict_from_measures(m: dict) -> list[str]:
-    """Sentences stating which explanations the numbers support; each rule has a named threshold."""
-    head = m["head"]
-    if not m.get("has_head"):
-        return [f"this run has no {head} head: nothing to explain"]
-    lines: list[str] = []
-    causes = 0  # rules that point to a cause; none firing means the evidence is mixed
-    if m.get("confounded"):  # before any other explanation: every number below may be about the channel
-        causes += 1
-        lines.append(f"{head} is confounded with recording conditions: a classifier on recording conditions alone "
-                     f"(no speech content) reaches balanced accuracy {percent(m['confound_balanced_accuracy'])} "
-                     f"[{percent(m['confound_low'])}, {percent(m['confound_high'])}] on held-out speakers vs "
-                     f"{percent(m['confound_chance'])} for the majority class (most tied: {m['confound_strongest']}); "
-                     f"what the model learned about {head} may be the recording set-up, so read what follows with "
-                     "that confound in mind")
-    if m.get("pooled"):
-        seen_spread = (f" ± {percent(m['seen_std'])} over {m['seeds']} seeds" if m["seeds"] > 1 and
-                       not math.isnan(m["seen_std"]) else "")
-        fold_spread = f", per-fold spread ±{percent(m['fold_std'])}" if not math.isnan(m["fold_std"]) else ""
-        lines.append(f"unseen-speaker {head} is pooled over {m['folds']} folds x {m['seeds']} seed(s), every "
-                     f"eligible speaker unseen once: {percent(m['accuracy_unseen'])} [{percent(m['unseen_low'])}, "
-                     f"{percent(m['unseen_high'])}] ({m['unseen_level']:.0%} interval resampled over "
-                     f"{m['speakers_unseen']} speakers{fold_spread}); seen speakers "
-                     f"{percent(m['accuracy_seen'])}{seen_spread}")
-    if m.get("too_few_for_unseen"):
-        lines.append(f"{len(m['too_few_for_unseen'])} {head} class(es) have fewer than {m['unseen_min_speakers']} "
-                     f"speakers and are never among the unseen speakers, so the unseen-speaker numbers say nothing "
-                     f"about them: {', '.join(m['too_few_for_unseen'])}")
-    ok = lambda *keys: all(k in m and m[k] is not None and not (isinstance(m[k], float) and math.isnan(m[k]))
-                           for k in keys)  # noqa: E731
-
-    if m.get("speakers_unseen") == 0:
-        lines.append(f"no unseen speakers in this run: whether {head} generalises to new voices cannot be judged")
-    elif ok("n_unseen", "speakers_unseen") and (m["n_unseen"] < MIN_UTTERANCES or m["speakers_unseen"] < MIN_SPEAKERS):
-        lines.append(f"only {int(m['n_unseen'])} unseen-speaker utterances from {m['speakers_unseen']} speakers are "
-                     "scored: treat the unseen-speaker percentages as rough")
-    if not m["has_speaker_head"]:
-        lines.append(f"no speaker head: the speaker→{head} comparison is not available")
-    elif ok("accuracy_seen", "through_speaker_seen"):
-        h, t = m["accuracy_seen"], m["through_speaker_seen"]
-        floor = max(m["majority_seen"], m["chance"])
-        if t - floor < SIGNAL_MARGIN:
-            lines.append(f"speaker→{head} gives only {percent(t)} on seen speakers (baseline {percent(floor)}): the "
-                         f"speaker head has not learned identity well enough to tell whether the {head} head uses it")
-        elif t - h >= IDENTITY_GAP:
-            causes += 1
-            lines.append(f"{head} head reaches {percent(h)} on seen speakers while speaker→{head} gives {percent(t)}: "
-                         "the head under-uses identity")
-        elif h >= t - IDENTITY_GAP:
-            lines.append(f"{head} head reaches {percent(h)} on seen speakers, within {IDENTITY_GAP:.0%} of "
-                         f"speaker→{head} ({percent(t)}): it uses what identity tells it")
-    if ok("accuracy_seen", "accuracy_unseen") and m["gap"] >= MEMORISATION_GAP:
-        said = (f"{head} reaches {percent(m['accuracy_seen'])} on held-out utterances of training speakers but "
-                f"{percent(m['accuracy_unseen'])} on unseen speakers")
-        if _beyond_noise(m["gap"], m.get("gap_se")):
-            causes += 1
-            lines.append(f"{said}: the head memorises speakers rather than hearing {head}")
-        else:
-            lines.append(f"{said}, yet the gap is within the speaker-to-speaker spread {_spread(m.get('gap_se'))}: "
-                         "the evidence for memorisation is mixed")
-    if ok("accuracy_unseen", "majority_unseen"):
-        u = m["accuracy_unseen"]
-        name, base = max(("majority", m["majority_unseen"]), ("chance", m["chance"]), key=lambda nb: nb[1])
-        interval = f" [{percent(m['unseen_low'])}, {percent(m['unseen_high'])}]" if m.get("pooled") else ""
-        if u - base < SIGNAL_MARGIN:
-            causes += 1
-            lines.append(f"on unseen speakers {percent(u)}{interval} vs {name} {percent(base)}: little {head} signal "
-                         "generalises")
-        elif m.get("pooled") and m["unseen_low"] > base:
-            lines.append(f"on unseen speakers {percent(u)}{interval} vs {name} {percent(base)}: the whole interval is "
-                         f"above {name}, so some {head} signal generalises to new speakers")
-        elif m.get("pooled"):
-            lines.append(f"on unseen speakers {percent(u)}{interval} vs {name} {percent(base)}, but the interval "
-                         f"reaches {name}: the evidence is mixed")
-        elif _beyond_noise(u - base, m.get("se_unseen")):
-            lines.append(f"on unseen speakers {percent(u)} vs {name} {percent(base)}: some {head} signal generalises "
-                         "to new speakers")
-        else:
-            lines.append(f"on unseen speakers {percent(u)} vs {name} {percent(base)}, but unseen speakers differ too much "
-                         f"{_spread(m.get('se_unseen'))} to call it signal: the evidence is mixed")
-    if m["n_classes"] and m["n_small_classes"] / m["n_classes"] >= SMALL_CLASS_SHARE:
-        causes += 1
-        lines.append(f"{m['n_small_classes']} of {m['n_classes']} classes have fewer than {m['min_speakers']} "
-                     "training speakers: too few voices per class to separate it from identity")
-    if ok("accuracy_unseen", "balanced_accuracy_unseen") and \
-            m["accuracy_unseen"] - m["balanced_accuracy_unseen"] >= IMBALANCE_GAP:
-        causes += 1
-        lines.append(f"plain accuracy {percent(m['accuracy_unseen'])} vs balanced {percent(m['balanced_accuracy_unseen'])} "
-                     "on unseen speakers: the head leans on the large classes")
-    if ok("coarse", "errors_within_unseen", "errors_within_expected_unseen") and \
-            m["errors_within_unseen"] - m["errors_within_expected_unseen"] >= ROLLUP_GAIN:
-        c = m["coarse"]
-        lines.append(f"{percent(m['errors_within_unseen'])} of the errors on unseen speakers stay within the true {c} "
-                     f"vs {percent(m['errors_within_expected_unseen'])} if errors were random (at {c} level "
-                     f"{percent(m['coarse_accuracy_unseen'])}, majority {percent(m['coarse_majority_unseen'])}): "
-                     "the confusions are between neighbours")
-    if ok("probe_accuracy", "probe_head_accuracy"):
-        p, h = m["probe_accuracy"], m["probe_head_accuracy"]
-        base = max(m["probe_majority"], m["chance"])
-        if p - h >= PROBE_MARGIN and _beyond_noise(p - h, m.get("probe_difference_se")):
-            causes += 1
-            lines.append(f"the linear probe reaches {percent(p)} on unseen speakers vs {percent(h)} for the head: "
-                         "the information is in the trunk; the head or its training is the problem")
-        elif p - h >= PROBE_MARGIN:
-            lines.append(f"the linear probe reaches {percent(p)} on unseen speakers vs {percent(h)} for the head, but the "
-                         f"difference varies too much between speakers {_spread(m.get('probe_difference_se'))}: "
-                         "the evidence that the trunk holds more is mixed")
-        elif p - base < SIGNAL_MARGIN:
-            causes += 1
-            lines.append(f"the linear probe reaches only {percent(p)} on unseen speakers (baseline {percent(base)}): "
-                         f"the trunk holds little {head} information that transfers to new speakers")
-        else:
-            lines.append(f"the linear probe ({percent(p)}) and the head ({percent(h)}) agree on unseen speakers: "
-                         "the head uses what the trunk holds")
-    if ok("loss_relative_change"):
-        z, k = m["loss_relative_change"], m["loss_window"]
-        v = m.get("unseen_val_loss_relative_change", float("nan"))
-        if z <= -STILL_FALLING and ok("unseen_val_loss_relative_change") and v >= STILL_FALLING:
-            lines.append(f"mixed evidence: the {head} training loss was still falling ({z:+.1%} over the last {k} "
-                         f"epochs) but the unseen-speaker validation loss rose ({v:+.1%}): longer training would "
-                         "likely deepen memorisation rather than help")
-        elif z <= -STILL_FALLING:
-            causes += 1
-            lines.append(f"{head} loss was still falling ({z:+.1%} over the last {k} epochs): longer training may help")
-        else:
-            lines.append(f"{head} loss had flattened ({z:+.1%} over the last {k} epochs): longer training alone is "
-                         "unlikely to help")
-    if ok("gradient_share"):
-        w, equal = m["gradient_share"], 1.0 / m["n_heads"]
-        other = (f" vs {percent(m['gradient_share_speaker'])} for speaker"
-                 if ok("gradient_share_speaker") and head != "speaker" else "")
-        if w < LOW_GRADIENT_SHARE * equal:
-            causes += 1
-            lines.append(f"{head} receives {percent(w)} of the gradient reaching the trunk{other}: it has little say "
-                         "in what the trunk learns")
-        else:
-            lines.append(f"{head} receives {percent(w)} of the gradient reaching the trunk{other}: "
-                         "it is not starved of gradient")
-    if not causes:
-        lines.append("the evidence is mixed: none of the tested explanations is clearly supported by these numbers")
-    return lines
-
-
-def verdict(run: Run | str | Path, head: str = "birthplace", **options) -> list[str]:
-    """The verdict sentences for one run (see ``verdict_from_measures``)."""
-    return verdict_from_measures(measures(run, head, **options))
-
-
-def verdict_markdown(lines: Sequence[str], title: str = "Verdict") -> str:
-    """The verdict as a markdown bullet list, for a notebook cell or an HTML report."""
-    return f"### {title}\n\n" + "\n".join(f"- {line[0].upper() + line[1:]}" for line in lines) + "\n"
-
-
-def birthplace_report(run: Run | str | Path, head: str = "birthplace", min_speakers: int = 5,
-                      project: bool = True, probe: bool = True, seed: int = 0, confound=None) -> dict:
-    """Every table and number of the investigation, for notebook 03.
-
-    Keys that cannot be computed for this run (no such head, no speaker head, no embeddings, no
-    coarse level) hold None, and ``notes`` says why, so a corpus without birthplaces still reports.
-    """
-    run = _as_run(run)
-    notes: list[str] = []
-    report: dict = {"run": run.name, "head": head, "accuracy": accuracy_table(run), "notes": notes}
-    keys = ("baselines", "seen_unseen", "class_sizes", "small_classes", "confusion_seen", "confusion_unseen",
-            "confused_pairs", "rollup", "projection", "probe", "loss_trend", "gradient_share",
-            "mean_gradient_share", "measures", "verdict", "verdict_markdown")
-    report |= dict.fromkeys(keys)
-    if not _has(run, head):
-        notes.append(f"no {head} head in this run (heads: {', '.join(run.heads)})")
-        report["measures"] = measures(run, head, min_speakers, probe=False)
-        report["verdict"] = verdict_from_measures(report["measures"])
-        report["verdict_markdown"] = verdict_markdown(report["verdict"])
-        report["gradient_share"] = gradient_share(run)
-        report["mean_gradient_share"] = mean_gradient_share(run)
-        return report
-    if not _has(run, "speaker"):
-        notes.append(f"no speaker head: the speaker→{head} baseline is not available")
-    report["baselines"] = baselines(run, head)
-    report["seen_unseen"] = seen_unseen(run, [h for h in run.heads if h != "speaker"])
-    report["class_sizes"] = class_size_table(run, head)
-    report["small_classes"] = small_classes(run, head, min_speakers)
-    for group, splits in GROUPS.items():
-        if len(scored(run, head, splits)):
-            report[f"confusion_{group}"] = confusion(run, head, splits)
-    report["confused_pairs"] = confused_pairs(run, head)
-    report["rollup"] = rollup(run, head)
-    if report["rollup"] is None:
-        notes.append(f"no coarser level than {head} in splits.csv (e.g. a region column)")
-    if run.has_embeddings:
-        if project:
-            report["projection"] = project_embeddings(run, seed=seed)
-        if probe:
-            try:
-                report["probe"] = linear_probe(run, head)
-            except ProbeUnavailable as err:
-                notes.append(f"no linear probe: {err}")
-    else:
-        notes.append("no embeddings.npz: no projection and no linear probe")
-    report["loss_trend"] = loss_trend(run, head)
-    report["gradient_share"] = gradient_share(run)
-    report["mean_gradient_share"] = mean_gradient_share(run)
-    report["measures"] = measures(run, head, min_speakers, probe=probe, probe_result=report["probe"],
-                                  confound=confound)
-    report["verdict"] = verdict_from_measures(report["measures"])
-    report["verdict_markdown"] = verdict_markdown(report["verdict"])
-    return report
-
-
-def compare_runs(run_a: Run | str | Path, run_b: Run | str | Path, head: str = "birthplace",
-                 names: tuple[str, str] | None = None, **options) -> pd.DataFrame:
-    """Two runs side by side on every measure, with ``b - a`` for the numeric ones.
-
-    Typical use: a baseline run against a class-balanced one. Column names default to the run
-    folders' names (suffixed when equal).
-    """
-    a, b = _as_run(run_a), _as_run(run_b)
-    name_a, name_b = names or (a.name, b.name if b.name != a.name else b.name + " (b)")
-    ma, mb = measures(a, head, **options), measures(b, head, **options)
-    keys = [k for k in ma if k != "run"] + [k for k in mb if k not in ma and k != "run"]
-    table = pd.DataFrame({name_a: [ma.get(k) for k in keys], name_b: [mb.get(k) for k in keys]},
-                         index=pd.Index(keys, name="measure"), dtype=object)
-
-    def diff(x, y):
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
-        return y - x if numeric else None
-
-    table["difference"] = [diff(x, y) for x, y in zip(table[name_a], table[name_b])]
-    return table

@@ -39,6 +39,9 @@ N_MFCC = 20
 ENCODER_RATE = 16000  # Resemblyzer's encoder takes 16 kHz audio
 GROUPS = {"seen": SEEN_SPLITS, "unseen": UNSEEN_SPLITS}
 COLUMNS = ["representation", "head", "split", "n", "accuracy", "majority"]
+# each representation as a reader names it (tables, verdict, index.html)
+REPRESENTATIONS = {"mfcc": "MFCC statistics + logistic regression",
+                   "encoder": "pretrained speaker encoder + logistic regression"}
 
 
 @dataclass

@@ -25,7 +25,8 @@ The classifier is a random forest (it needs no scaling and splits a sample rate 
 as a level), cross-validated with StratifiedGroupKFold so no speaker is on both sides. "Clearly beats
 the majority baseline" means: balanced accuracy (mean per-class recall, where
 predicting the majority class scores ``1 / classes``) at least ``CONFOUND_MARGIN`` above ``1 / classes``
-*and* the lower end of its 95 % interval, resampled over speakers within each class, above it.
+*and* the lower end of its 95 % interval, resampled over speakers within each class, above it. An
+interval wholly above chance that misses the margin is reported as a weak link, never as "no confound".
 Duration is shown in the table but not given to the classifier: how long clips are follows speaking
 rate and text as much as the set-up, and an accent that speaks slower is not a channel.
 """
@@ -171,7 +172,7 @@ def confound_check(conditions: pd.DataFrame, heads, seed: int = 0) -> ConfoundCh
             continue
         records.append(_classify(data, head, seed))
     columns = ["head", "classes", "speakers", "rows", "accuracy", "majority", "balanced_accuracy", "chance",
-               "low", "high", "confounded", "strongest"]
+               "low", "high", "threshold", "finding", "confounded", "strongest"]
     return ConfoundCheck(pd.DataFrame(records, columns=columns), tables, notes)
 
 
@@ -201,8 +202,25 @@ def _classify(data: pd.DataFrame, head: str, seed: int) -> dict:
     return {"head": head, "classes": len(classes), "speakers": len(set(groups)), "rows": len(y),
             "accuracy": float((guess == y).mean()), "majority": float(counts.iloc[0] / len(y)),
             "balanced_accuracy": balanced, "chance": chance, "low": low, "high": high,
+            "threshold": chance + CONFOUND_MARGIN, "finding": finding(balanced, low, chance),
             "confounded": bool(balanced - chance >= CONFOUND_MARGIN and low > chance),
             "strongest": _strongest(data, head)}
+
+
+CONFOUNDED, WEAK_LINK, NO_LINK = "confounded", "weak link", "no link found"
+
+
+def finding(balanced: float, low: float, chance: float) -> str:
+    """What the conditions classifier's result says, in words that agree with its interval.
+
+    ``confounded``: at least CONFOUND_MARGIN above chance and the whole interval above chance;
+    ``weak link``: the whole interval above chance but the accuracy below that threshold (the set-up
+    tells the classes apart a little, not enough to call every number about the label a channel effect);
+    ``no link found``: the interval reaches chance.
+    """
+    if low <= chance:
+        return NO_LINK
+    return CONFOUNDED if balanced - chance >= CONFOUND_MARGIN else WEAK_LINK
 
 
 def _speaker_interval(y: np.ndarray, guess: np.ndarray, groups: np.ndarray, seed: int) -> tuple[float, float]:
@@ -231,15 +249,23 @@ def _strongest(data: pd.DataFrame, head: str, top: int = 3) -> str:
 
 
 def confound_lines(check: ConfoundCheck) -> list[str]:
-    """One sentence per head: confounded (first) or not, with the numbers behind it."""
+    """One sentence per head (confounded first), with the numbers behind it and the threshold they are
+    held against, in words that agree with the interval (see :func:`finding`)."""
     lines = []
     for row in sorted(check.summary.to_dict("records"), key=lambda r: not r["confounded"]):
-        numbers = (f"a classifier on recording conditions alone reaches balanced accuracy {percent(row['balanced_accuracy'])} "
-                   f"[{percent(row['low'])}, {percent(row['high'])}] on held-out speakers vs {percent(row['chance'])} for the majority "
-                   "class")
-        if row["confounded"]:
-            lines.append(f"{row['head']} is confounded with recording conditions: {numbers}; most tied to the label: "
+        numbers = (f"a classifier on recording conditions alone reaches balanced accuracy "
+                   f"{percent(row['balanced_accuracy'])} [{percent(row['low'])}, {percent(row['high'])}] on held-out "
+                   f"speakers vs {percent(row['chance'])} for the majority class")
+        rule = (f"a confound needs at least {percent(row['threshold'])} (chance + {CONFOUND_MARGIN * 100:.0f} "
+                "percentage points) with the whole interval above chance")
+        if row["finding"] == CONFOUNDED:
+            lines.append(f"{row['head']} is confounded with recording conditions: {numbers}; {rule}; most tied to the "
+                         f"label: {row['strongest']}")
+        elif row["finding"] == WEAK_LINK:
+            lines.append(f"{row['head']}: a weak link with recording conditions, below the confound threshold: "
+                         f"{numbers}, so the set-up tells the classes apart a little; {rule}; most tied to the label: "
                          f"{row['strongest']}")
         else:
-            lines.append(f"{row['head']}: no confound with recording conditions found ({numbers})")
+            lines.append(f"{row['head']}: no link with recording conditions found: {numbers}, and the interval reaches "
+                         f"chance; {rule}")
     return lines

@@ -14,7 +14,7 @@ gets, through runfolder.py:
 - ``member_scores.csv``: each member's seen and unseen accuracy per head beside its majority baseline;
 - ``pooled.json`` (last): per head the unseen accuracy pooled over folds with a bootstrap interval
   over speakers and the per-fold spread, and the seen accuracy over seeds (mean, spread); see
-  analysis.pooled_summary.
+  pooled.pooled_summary.
 
 folds=1 and seeds=1 is the single run folder of train_run, with no members. The cost is K x N
 trainings.
@@ -31,10 +31,10 @@ from typing import Callable
 import pandas as pd
 
 from voxlib import runfolder
-from voxlib.analysis import pooled_summary
 from voxlib.config import Config, ConfigError
 from voxlib.corpora.source import default_run_dir
 from voxlib.evaluate import scored, scores
+from voxlib.pooled import pooled_summary
 
 log = logging.getLogger("voxlib.train")  # the trainer's log: one stream for the whole experiment
 

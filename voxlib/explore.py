@@ -221,8 +221,9 @@ def spectrogram_grid(table: pd.DataFrame, cfg: Config, per_group: int = 1, max_g
         seconds = image.shape[1] * cfg.hop_length / cfg.sample_rate
         shown = ax.imshow((image - 1.0) * cfg.top_db, origin="lower", aspect="auto", vmin=-cfg.top_db, vmax=0,
                           cmap="magma", extent=(0, seconds, 0, nyquist_khz))
-        title = f"{names.at[index, 'birthplace']} / {names.at[index, 'sex']}\n{names.at[index, 'speaker']}"
-        ax.set_title(plot_label(title), fontsize=9)
+        # each line made literal on its own (plot_label would print a line break inside a label as backslash-n)
+        ax.set_title(plot_label(f"{names.at[index, 'birthplace']} / {names.at[index, 'sex']}") + "\n"
+                     + plot_label(names.at[index, "speaker"]), fontsize=9)
         ax.set(xlabel="s", ylabel="kHz")
     if len(rows):
         fig.colorbar(shown, ax=axes, label="dB re full scale", shrink=0.9 if nrows > 1 else 1.0, pad=0.01)

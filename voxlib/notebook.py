@@ -12,12 +12,17 @@ import dataclasses
 import warnings
 from pathlib import Path
 
+from IPython.display import Markdown, display
+
 from voxlib.config import Config, ConfigError, project_root
 from voxlib.corpora.source import default_run_dir
+from voxlib.progress import send_to_report
 from voxlib.runfolder import POOLED, PREDICTIONS
 from voxlib.text import markdown
 
 PATH_FIELDS = ("manifest", "run_dir", "compare_run_dir", "cache_dir")  # str fields naming files/folders
+# notebook 03's headline table as data, beside its HTML, in the executed notebook: index.html reads it
+HEADLINE_MIME = "application/vnd.vox.headline+json"
 
 
 
@@ -41,6 +46,7 @@ def prepare(cfg: Config, need: str = "manifest") -> Config:
     finished pooled folder (folds or seeds) for ``run_dir``.
     """
     warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
+    send_to_report()  # training's log lines to the terminal of `python -m voxlib.report` too
     cfg = resolve_paths(cfg)
     if need == "manifest":
         if not cfg.manifest:
@@ -70,20 +76,33 @@ def escape_markdown(text: object) -> str:
     return markdown(text)
 
 
+def bullets(lines) -> Markdown:
+    """Sentences (findings, notes) as a Markdown list: they wrap like text in a report, where printed lines
+    would run on in a fixed-width block. Corpus text in them is escaped (escape_markdown)."""
+    return Markdown("\n".join(f"- {escape_markdown(line)}" for line in lines))
+
+
 def as_table(values: dict, name: str = "value"):
     """A flat dict of numbers and names as a one-column table (reads better than a dict repr).
 
-    Shares (the keys plots.SHARE_COLUMNS names: accuracies, majority, chance ...) read as percent with
-    one decimal, like every other table; other floats to 4 significant digits.
+    Each value is shown as every table shows it (plots.shown): shares (the keys plots.SHARE_COLUMNS
+    names: accuracies, majority, chance ...) as percent with one decimal, counts as integers, other
+    numbers in fixed notation.
     """
     import pandas as pd
 
-    from voxlib.plots import SHARE_COLUMNS
-    from voxlib.text import PERCENT
-
-    def shown(key, value):
-        if isinstance(value, float):
-            return PERCENT.format(value) if key in SHARE_COLUMNS else f"{value:.4g}"
-        return value
+    # plots pulls in matplotlib and seaborn; voxlib.report imports this module for PATH_FIELDS only
+    from voxlib.plots import shown
 
     return pd.Series({k: shown(k, v) for k, v in values.items()}, name=name, dtype=object).to_frame()
+
+
+def publish_headline(table, caption: str = ""):
+    """Show verdict.headline's table and store it as data (HEADLINE_MIME) in the same output, so that
+    index.html repeats exactly what notebook 03 shows without recomputing the reference baselines."""
+    from voxlib.plots import styled  # matplotlib and seaborn: see as_table
+
+    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}  # NaN is not JSON
+            for row in table.to_dict("records")]
+    display({"text/html": styled(table, caption=caption).to_html(),
+             HEADLINE_MIME: {"columns": list(table.columns), "rows": rows}}, raw=True)

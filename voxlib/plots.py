@@ -19,7 +19,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from voxlib.text import PERCENT, plot_label, plot_table
+from voxlib.text import html_text, number, percent, plot_label, plot_table
+from voxlib.text import markdown as markdown_text
 
 SPLIT_ORDER = ("train", "seen_val", "unseen_val", "seen_test", "unseen_test")
 ANNOTATE_MAX = 15  # confusion matrices up to this many classes print each cell's value
@@ -28,27 +29,62 @@ COMPARE_MEASURES = ("accuracy_seen", "accuracy_unseen", "balanced_accuracy_unsee
                     "through_speaker_seen", "probe_accuracy", "coarse_accuracy_unseen", "gradient_share")
 
 
-# Columns that hold a share in [0, 1] in the tables of evaluate and analysis: shown as percent.
+# Columns that hold a share in [0, 1] (or a relative change) in the tables of evaluate, analysis, pooled,
+# baselines and conditions: shown as percent with one decimal.
 SHARE_COLUMNS = frozenset({
     "accuracy", "top3", "balanced_accuracy", "chance", "majority", "through_speaker", "agreement", "seen", "unseen",
     "gap", "gap_se", "seen_majority", "unseen_majority", "recall_seen", "recall_unseen", "precision", "recall", "f1",
     "rate", "share", "probe_accuracy", "probe_balanced_accuracy", "head_accuracy", "difference_se",
     "low", "high",  # low, high: a confidence interval of an accuracy
-    "unseen_low", "unseen_high", "fold_std", "seen_std_over_seeds"})
+    "unseen_low", "unseen_high", "fold_std", "seen_std_over_seeds", "threshold",
+    "fine_accuracy", "coarse_accuracy", "coarse_chance", "coarse_majority", "errors_within", "errors_within_expected",
+    "relative_change", "mfcc", "encoder", "discriminator"})
 
 
-def styled(table: pd.DataFrame):
-    """The table as a notebook shows it: shares as percent with one decimal, other floats to 3 digits."""
-    shares = [c for c in table.columns if c in SHARE_COLUMNS]
-    floats = [c for c in table.select_dtypes("float").columns if c not in SHARE_COLUMNS]
-    texts = [c for c in table.columns if c not in shares and c not in floats]
-    # label names come from the corpus: escaped, so a label like <script> shows as text
-    style = (table.style.format(PERCENT, subset=shares, na_rep="")
-             .format("{:.3g}", subset=floats, na_rep="")
-             .format(escape="html", subset=texts)
-             .format_index(escape="html", axis=0).format_index(escape="html", axis=1))
+def shown(column: str, value) -> str:
+    """One cell as every table shows it: shares as percent (one decimal), whole numbers as integers
+    (counts), other numbers in fixed notation (text.number), missing values empty, text unchanged."""
+    if value is None or isinstance(value, float) and value != value:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return percent(value) if column in SHARE_COLUMNS else number(float(value))
+    return str(value)
+
+
+def styled(table: pd.DataFrame, caption: str = "", share_rows: Sequence = ()):
+    """The table as a notebook shows it: every cell through ``shown``, corpus text HTML-escaped, columns
+    with no value at all left out (e.g. a spread over seeds of a single seed), a plain 0..n-1 row
+    number hidden, and ``caption`` above it (say which run or pooling a table shows).
+
+    ``share_rows``: index labels of rows that hold shares whatever their column (a table of measures
+    with one run per column, as verdict.compare_runs makes).
+    """
+    table = table.loc[:, [c for c in table.columns if not table[c].isna().all()]] if len(table) else table
+    style = table.style
+    for column in table.columns:
+        formatter = functools.partial(shown, column)
+        # label names come from the corpus: escaped, so a label like <script> shows as text
+        style = style.format(lambda v, f=formatter: html_text(f(v)), subset=[column])
+    rows = [r for r in share_rows if r in table.index]
+    if rows:
+        style = style.format(lambda v: html_text(shown("share", v)), subset=(rows, list(table.columns)))
+    style = style.format_index(escape="html", axis=0).format_index(escape="html", axis=1)
+    if caption:
+        style = style.set_caption(html_text(caption)).set_table_styles(
+            [{"selector": "caption",
+              "props": "caption-side: top; text-align: left; font-weight: bold; white-space: nowrap;"}])
     # a plain 0..n-1 row number says nothing a reader needs
     return style.hide(axis="index") if isinstance(table.index, pd.RangeIndex) else style
+
+
+class Sentence(str):
+    """What a figure function returns instead of a figure that would show nothing (every class the same
+    size, a single epoch): one sentence, shown by a notebook as Markdown (corpus text escaped)."""
+
+    def _repr_markdown_(self) -> str:
+        return markdown_text(self)
 
 
 def literal_labels(figure_function):
@@ -98,14 +134,14 @@ def _done(fig: Figure) -> Figure:
 
 @literal_labels
 def learning_curves(curves: pd.DataFrame, ylabel: str = "cross-entropy",
-                    baselines: pd.DataFrame | None = None) -> Figure:
+                    baselines: pd.DataFrame | None = None, title: str = "") -> Figure:
     """One panel per head: the metric against epoch, one line per split (train / seen / unseen val).
 
     ``curves`` is ``evaluate.learning_curves(run, metric)``. With ``metric="loss"`` this is the seed's
     softmax cross-entropy figure; with ``metric="acc"`` its accuracy figure (``ylabel`` "accuracy").
     ``baselines`` (``evaluate.accuracy_table(run)``) adds what a head must beat: on accuracy, chance
     and the majority baseline of the seen-speaker validation set; on loss, the cross-entropy of a
-    uniform guess, ln K.
+    uniform guess, ln K. ``title`` goes above all panels (say which run the curves are of).
     """
     heads = list(dict.fromkeys(curves["head"]))
     splits = [s for s in SPLIT_ORDER if s in set(curves["split"])]
@@ -134,6 +170,8 @@ def learning_curves(curves: pd.DataFrame, ylabel: str = "cross-entropy",
         if ax is not axes[-1] and ax.get_legend() is not None:
             ax.get_legend().remove()
     _legend_outside(axes[-1])
+    if title:
+        fig.suptitle(title)
     return _done(fig)
 
 
@@ -145,7 +183,8 @@ def confusion_heatmap(matrix: pd.DataFrame, title: str = "") -> Figure:
     only up to ANNOTATE_MAX classes (beyond that the numbers would overprint each other).
     """
     n = max(len(matrix), 1)
-    side = min(max(4.0, 0.25 * n + 2.5), 30.0)
+    # printed cells need room for "100.0" at the font below; unprinted ones can be small
+    side = min(max(4.0, (0.55 if n <= ANNOTATE_MAX else 0.25) * n + 2.5), 30.0)
     font = float(np.clip(11 - n / 8, 4, 10))
     fig, axes = _figure(side + 1.2, side)
     ax = axes[0]
@@ -159,13 +198,21 @@ def confusion_heatmap(matrix: pd.DataFrame, title: str = "") -> Figure:
 
 @literal_labels
 def recall_vs_size(table: pd.DataFrame, size: str = "train_speakers",
-                   recall: Sequence[str] | str = ("recall_seen", "recall_unseen")) -> Figure:
+                   recall: Sequence[str] | str = ("recall_seen", "recall_unseen")) -> Figure | Sentence:
     """Per-class recall against training size (log x): do small classes fail?
+
+    When every class has the same size there is nothing to set recall against: a ``Sentence`` says so.
 
     ``table`` is ``analysis.class_size_table`` (recall_seen / recall_unseen) or
     ``evaluate.per_class_metrics`` (pass ``recall="recall"``).
     """
     recall = [recall] if isinstance(recall, str) else [r for r in recall if r in table.columns]
+    sizes = table[size].dropna().unique()
+    if len(sizes) < 2:  # one x value: a vertical column of dots that says nothing about size
+        what = size.replace("train_", "training ").replace("_", " ")
+        every = f"{number(float(sizes[0]))} {what}" if len(sizes) else f"no {what}"
+        return Sentence(f"Every class has {every}, so recall cannot be set against class size here: "
+                        "the per-class table above shows each class's recall.")
     long = table.melt(id_vars=["class", size], value_vars=recall, var_name="set", value_name="recall").dropna()
     fig, axes = _figure(5.0, 3.8)
     ax = axes[0]
@@ -221,7 +268,7 @@ def seen_unseen_bars(table: pd.DataFrame) -> Figure:
 
 @literal_labels
 def compare_runs(comparison: pd.DataFrame, measures: Sequence[str] = COMPARE_MEASURES) -> Figure:
-    """Two (or more) runs side by side on the fraction-valued measures of ``analysis.compare_runs``."""
+    """Two (or more) runs side by side on the fraction-valued measures of ``verdict.compare_runs``."""
     runs = [c for c in comparison.columns if c != "difference"]
     keep = [m for m in measures if m in comparison.index]
     long = comparison.loc[keep, runs].reset_index().melt(id_vars="measure", var_name="run", value_name="value")
@@ -237,9 +284,14 @@ def compare_runs(comparison: pd.DataFrame, measures: Sequence[str] = COMPARE_MEA
 
 
 @literal_labels
-def gradient_share(shares: pd.DataFrame) -> Figure:
-    """Share of the trunk gradient per head over epochs (stacked to 1); ``analysis.gradient_share``."""
+def gradient_share(shares: pd.DataFrame) -> Figure | Sentence:
+    """Share of the trunk gradient per head over epochs (stacked to 1); ``analysis.gradient_share``.
+    A single epoch has no course to draw: a ``Sentence`` gives its shares."""
     wide = shares.pivot(index="epoch", columns="head", values="share").fillna(0)
+    if len(wide) < 2:  # one epoch: a stack of zero width
+        return Sentence("One epoch only, so there is no course over epochs to draw: " + ", ".join(
+            f"{head} {percent(share)}" for head, share in wide.iloc[0].items()) + " of the gradient norm."
+            if len(wide) else "No gradient norms were logged.")
     fig, axes = _figure(5.5, 3.4)
     ax = axes[0]
     colours = sns.color_palette("Set2", len(wide.columns))

@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from voxlib.config import Config, ConfigError, field_info
-from voxlib.notebook import PATH_FIELDS
+from voxlib.baselines import REPRESENTATIONS
+from voxlib.notebook import HEADLINE_MIME, PATH_FIELDS
+from voxlib.progress import PROGRESS_FILE_ENV, TrainingProgress, follow
 from voxlib import runfolder
 from voxlib.corpora.source import default_run_dir
 from voxlib.text import percent
@@ -56,6 +58,7 @@ class _EveryFieldIsAParameter(logging.Filter):
 
 logging.getLogger("papermill").addFilter(_EveryFieldIsAParameter())
 KERNEL_NAME = "python3"
+CODE_SUFFIX = "-code"  # reports/NAME-code.html: the report with its code cells
 TQDM_MININTERVAL_S = "15"  # progress bars inside notebooks: few updates, so stored outputs stay small
 
 
@@ -69,13 +72,18 @@ class Stage:
 
     name: str
     executed: Path
-    html: Path
+    html: Path  # the report: outputs only
     seconds: float = 0.0
     error: str = ""
 
     @property
     def ok(self) -> bool:
         return not self.error
+
+    @property
+    def code_html(self) -> Path:
+        """The same report with every code cell, for a reader who wants to see how a number was made."""
+        return self.html.with_name(f"{self.name}{CODE_SUFFIX}.html")
 
 
 @dataclass
@@ -148,8 +156,9 @@ def find_notebooks() -> Path:
 # --- kernel ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def this_interpreter_kernel() -> Iterator[str]:
-    """Make kernel ``python3`` mean ``sys.executable`` while the notebooks run."""
-    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "TQDM_MININTERVAL", "TQDM_DISABLE")}
+    """Make kernel ``python3`` mean ``sys.executable`` while the notebooks run, and give the kernels a
+    progress file for their training log lines (voxlib.progress)."""
+    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "TQDM_MININTERVAL", "TQDM_DISABLE", PROGRESS_FILE_ENV)}
     saved_path = os.environ.get("PYTHONPATH")
     with tempfile.TemporaryDirectory(prefix="vox-kernel-") as tmp:
         spec_dir = Path(tmp) / "kernels" / KERNEL_NAME
@@ -167,6 +176,7 @@ def this_interpreter_kernel() -> Iterator[str]:
         os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [tmp, saved["JUPYTER_PATH"]]))
         os.environ.setdefault("TQDM_MININTERVAL", TQDM_MININTERVAL_S)
         os.environ.setdefault("TQDM_DISABLE", "1")  # a bar in stored HTML is a frozen line of stderr
+        os.environ[PROGRESS_FILE_ENV] = str(Path(tmp) / "progress.log")  # the kernels' training log lines
         try:
             yield KERNEL_NAME
         finally:
@@ -191,25 +201,44 @@ def describe_failure(notebook: str, err: BaseException) -> str:
     return f"{notebook}.ipynb failed: {type(err).__name__}: {err}"
 
 
-# JupyterLab's HTML template minus the scripts it loads from a CDN (MathJax, require.js, mermaid):
-# the notebooks need none of them, and a report must open offline.
+# JupyterLab's HTML template minus the scripts it loads from a CDN (MathJax, require.js, mermaid): the
+# notebooks need none of them, and a report must open offline. A report page without code links to the
+# page with code and back (resources["vox_other_page"]).
 _OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{% block extra_css %}<style>
+.vox-other-page { font-family: sans-serif; font-size: 0.9em; margin: 1em 0 0 var(--jp-cell-prompt-width, 0); }
+</style>{% endblock extra_css %}
+{%- block body_header -%}
+{{ super() }}
+{%- if resources.vox_other_page -%}
+<p class="vox-other-page"><a href="{{ resources.vox_other_page.href }}">{{ resources.vox_other_page.text }}</a></p>
+{%- endif -%}
+{%- endblock body_header -%}
 """
 
 
-def export_html(notebook: Path, target: Path) -> Path:
-    """One self-contained HTML file: styles inline, figures and audio as embedded data."""
+def export_html(notebook: Path, target: Path, code: bool = True, other_page: Path | None = None) -> Path:
+    """One self-contained HTML file: styles inline, figures and audio as embedded data.
+
+    ``code=False`` leaves out every code cell's input and the In/Out prompts: the page reads as a report
+    (text, tables, figures). ``other_page`` is linked at the top (the same notebook with or without code).
+    """
     import jinja2
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(notebook, as_version=4)
     exporter = HTMLExporter(embed_images=True, template_file="vox_offline.html.j2",
-                            extra_loaders=[jinja2.DictLoader({"vox_offline.html.j2": _OFFLINE_TEMPLATE})])
-    body, _ = exporter.from_notebook_node(nb)
+                            extra_loaders=[jinja2.DictLoader({"vox_offline.html.j2": _OFFLINE_TEMPLATE})],
+                            exclude_input=not code, exclude_input_prompt=not code, exclude_output_prompt=not code)
+    resources = {}
+    if other_page is not None:
+        text = "Show the code: the same report with every code cell" if not code else "Hide the code"
+        resources["vox_other_page"] = {"href": other_page.name, "text": text}
+    body, _ = exporter.from_notebook_node(nb, resources=resources)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
     return target
@@ -231,7 +260,8 @@ def run_notebook(name: str, values: dict[str, Any], run_dir: Path, kernel: str,
         stage.error = describe_failure(name, err)
     stage.seconds = time.perf_counter() - start
     if stage.executed.exists():  # papermill saves the notebook up to the failing cell
-        export_html(stage.executed, stage.html)
+        export_html(stage.executed, stage.html, code=False, other_page=stage.code_html)
+        export_html(stage.executed, stage.code_html, code=True, other_page=stage.html)
     return stage
 
 
@@ -247,22 +277,51 @@ def run_report(manifest: str = "", run_dir: str = "", params: dict[str, Any] | N
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else find_notebooks()
     runfolder.claim(run)  # the executed notebooks and reports live in the run folder: vox's own
     for name in NOTEBOOKS:
-        (run / "notebooks" / f"{name}.ipynb").unlink(missing_ok=True)
-        (run / "reports" / f"{name}.html").unlink(missing_ok=True)
+        for stale in (run / "notebooks" / f"{name}.ipynb", run / "reports" / f"{name}.html",
+                      run / "reports" / f"{name}{CODE_SUFFIX}.html"):
+            stale.unlink(missing_ok=True)
     stages: list[Stage] = []
+    cfg = Config.from_dict(values)
+    terminal = Terminal(sys.stdout if progress else None)
     with this_interpreter_kernel() as kernel:
         for name in NOTEBOOKS:
-            if progress:
-                print(f"{name} ...", end="", flush=True)
-            stage = run_notebook(name, values, run, kernel, notebooks_dir)
+            terminal.start(name)
+            training = TrainingProgress(cfg.folds * cfg.seeds, cfg.epochs)
+            with follow(os.environ[PROGRESS_FILE_ENV], terminal.detail, training):
+                stage = run_notebook(name, values, run, kernel, notebooks_dir)
             stages.append(stage)
-            if progress:
-                print(f" {'ok' if stage.ok else 'FAILED'} in {stage.seconds:.1f} s", flush=True)
+            terminal.end(f"{'ok' if stage.ok else 'FAILED'} in {stage.seconds:.1f} s")
             if not stage.ok:
                 break
     report = Report(run, run / "reports" / "index.html", stages)
     write_index(report, values)
     return report
+
+
+class Terminal:
+    """One line per notebook (``02_train ... ok in 668.0 s``) with the training's lines indented below
+    its name while it runs; nothing at all for ``stream=None``."""
+
+    def __init__(self, stream):
+        self.stream, self.name, self.open = stream, "", False
+
+    def _print(self, text: str = "", end: str = "\n") -> None:
+        if self.stream is not None:
+            print(text, end=end, file=self.stream, flush=True)
+
+    def start(self, name: str) -> None:
+        self.name, self.open = name, True
+        self._print(f"{name} ...", end="")
+
+    def detail(self, line: str) -> None:
+        if self.open:  # the name's line is still waiting for its result
+            self._print()
+            self.open = False
+        self._print(f"  {line}")
+
+    def end(self, result: str) -> None:
+        self._print(f" {result}" if self.open else f"{self.name} {result}")
+        self.open = False
 
 
 # --- index.html ------------------------------------------------------------------------------------
@@ -299,36 +358,44 @@ def _members(run_dir: Path) -> list[Path]:
 
 
 def write_index(report: Report, values: dict[str, Any]) -> Path:
+    """The page ``make demo`` prints: the finding first (the headline table with the reference baselines,
+    then the verdict), then the reports, then the settings the run used."""
     esc = html.escape
     rows = []
     for stage in report.stages:
         link = (f'<a href="{esc(stage.html.name)}">{esc(stage.name)}</a>' if stage.html.exists()
                 else esc(stage.name))
+        code = f'<a href="{esc(stage.code_html.name)}">with code</a>' if stage.code_html.exists() else ""
         status = "ok" if stage.ok else f"<pre class='error'>{esc(stage.error)}</pre>"
-        rows.append(f"<tr><td>{link}</td><td>{stage.seconds:.1f} s</td><td>{status}</td></tr>")
+        rows.append(f"<tr><td>{link}</td><td>{code}</td><td class='num'>{stage.seconds:.1f} s</td>"
+                    f"<td>{status}</td></tr>")
     for name in NOTEBOOKS[len(report.stages):]:
-        rows.append(f"<tr><td>{esc(name)}</td><td></td><td>not run</td></tr>")
+        rows.append(f"<tr><td>{esc(name)}</td><td></td><td></td><td>not run</td></tr>")
     total = sum(s.seconds for s in report.stages)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>vox report: {esc(report.run_dir.name)}</title>
 <style>
-body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; }}
+body {{ font-family: sans-serif; max-width: 64em; margin: 2em auto; padding: 0 1em; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
-td, th {{ border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; }}
+td, th {{ border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; vertical-align: top; }}
+th {{ background: #f4f4f4; }}
 table.settings {{ table-layout: fixed; width: 100%; }}
 table.settings td {{ overflow-wrap: anywhere; }}  /* long paths wrap instead of widening the page */
 .error {{ color: #a00; white-space: pre-wrap; margin: 0; }}
-td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }}
+td.best {{ font-weight: bold; }}
 .note {{ color: #555; font-size: 0.9em; }}
 </style></head><body>
 <h1>vox report: {esc(report.run_dir.name)}</h1>
 <p>Run folder: <code>{esc(str(report.run_dir))}</code></p>
-<h2>Notebooks</h2>
-<table><tr><th>notebook</th><th>wall time</th><th>status</th></tr>
-{''.join(rows)}
-<tr><td>total</td><td>{total:.1f} s</td><td></td></tr></table>
 {headline_html(report)}
 {verdict_html(report)}
+<h2>Reports</h2>
+<p class='note'>Each report shows its text, tables and figures; the page "with code" adds the code cells that
+made them.</p>
+<table><tr><th>report</th><th>code</th><th>wall time</th><th>status</th></tr>
+{''.join(rows)}
+<tr><td>total</td><td></td><td class='num'>{total:.1f} s</td><td></td></tr></table>
 {settings_html(report.run_dir, values)}
 </body></html>
 """
@@ -337,9 +404,73 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
     return report.index
 
 
-def headline_html(report: Report) -> str:
-    """The headline table; every label string (majority class names) is HTML-escaped."""
+def published_headline(executed: Path) -> "pd.DataFrame | None":
+    """The headline table notebook 03 published (notebook.publish_headline), or None."""
+    import nbformat
+    import pandas as pd
+
+    if not Path(executed).is_file():
+        return None
+    for cell in nbformat.read(executed, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            found = output.get("data", {}).get(HEADLINE_MIME)
+            if found:
+                return pd.DataFrame(found["rows"], columns=found["columns"])
+    return None
+
+
+def finding_html(table: "pd.DataFrame", report: Report) -> str:
+    """notebook 03's headline table: the discriminator beside the reference baselines on the same folds."""
     esc = html.escape
+
+    def pct(value) -> str:
+        return "" if value is None or value != value else percent(value)
+
+    references = [name for name in REPRESENTATIONS if name in table.columns]
+    header = "".join(f"<th>{esc(REPRESENTATIONS[name])}</th>" for name in references)
+    rows = []
+    for r in table.to_dict("records"):
+        interval = f" [{pct(r.get('low'))}, {pct(r.get('high'))}]" if pct(r.get("low")) else ""
+        scores = {"discriminator": r["discriminator"]} | {name: r.get(name) for name in references}
+        best = max((v for v in scores.values() if v is not None), default=None)
+        cells = "".join(f"<td class='num{' best' if r.get(name) == best else ''}'>{pct(r.get(name))}</td>"
+                        for name in references)
+        rows.append(f"<tr><td>{esc(str(r['head']))}</td><td>{esc(str(r['speakers']))}</td>"
+                    f"<td class='num'>{int(r['n']):,}</td>"
+                    f"<td class='num{' best' if r['discriminator'] == best else ''}'>{pct(r['discriminator'])}"
+                    f"{interval}</td>{cells}<td class='num'>{pct(r['majority'])}</td>"
+                    f"<td class='num'>{pct(r['chance'])}</td></tr>")
+    scopes = sorted(set(table["scope"]))
+    where = (": each eligible speaker is unseen in exactly one fold, the interval is 95 % resampled over speakers, "
+             "and every reference baseline is fitted on each fold's own training split and pooled the same way"
+             if scopes != ["one run"] else ": one split of speakers; every reference baseline is fitted on its "
+             "training split")
+    return (
+        "<h2>What the run found</h2>\n"
+        f"<p>Test accuracy per head on held-out utterances of training speakers (seen) and on speakers never trained "
+        f"on (unseen): the discriminator beside reference baselines on the same utterances, the majority baseline "
+        f"(the most frequent training class) and chance; the best of them in bold.</p>\n"
+        f"<p><b>{esc('; '.join(scopes)).capitalize()}</b>{where}.</p>\n"
+        f"<table><tr><th>head</th><th>speakers</th><th>n</th><th>discriminator</th>{header}<th>majority</th>"
+        "<th>chance</th></tr>\n" + "\n".join(rows) + "</table>\n" + training_wall_html(report)
+    )
+
+
+def training_wall_html(report: Report) -> str:
+    seconds = training_seconds(report.run_dir)
+    runs = len(_members(report.run_dir))
+    source = f"the {runs} runs' metrics.csv" if runs else "metrics.csv"
+    return f"<p class='note'>Training wall time (from {source}): {seconds / 60:.1f} min.</p>" if seconds else ""
+
+
+def headline_html(report: Report) -> str:
+    """The headline: notebook 03's table with the reference baselines when it ran, else the run's own
+    accuracies; every label string (majority class names) is HTML-escaped."""
+    esc = html.escape
+    stage = next((s for s in report.stages if s.name == "03_birthplace"), None)
+    published = published_headline(stage.executed) if stage is not None else None
+    if published is not None and len(published):
+        return finding_html(published, report)
     if runfolder.is_pooled(report.run_dir):
         return pooled_headline_html(report)
     try:
@@ -356,8 +487,7 @@ def headline_html(report: Report) -> str:
             f"<td><b>{percent(r.accuracy)}</b></td><td>{percent(r.majority)} ({esc(str(r.majority_class))})</td>"
             f"<td>{percent(r.chance)}</td><td>{percent(r.balanced_accuracy)}</td><td>{percent(r.top3)}</td>"
             f"<td>{beats}</td></tr>")
-    seconds = training_seconds(report.run_dir)
-    wall = f"<p>Training wall time (from metrics.csv): {seconds / 60:.1f} min.</p>" if seconds else ""
+    wall = training_wall_html(report)
     return (
         "<h2>Headline numbers</h2>\n"
         "<p>Test accuracy per head on held-out utterances of training speakers (seen_test) and on "
@@ -371,7 +501,7 @@ def headline_html(report: Report) -> str:
 
 def pooled_headline_html(report: Report) -> str:
     """The headline of a pooled folder: seen over seeds, unseen pooled over folds with its interval."""
-    from voxlib.analysis import pooled_table
+    from voxlib.pooled import pooled_table
 
     esc = html.escape
     try:
@@ -394,9 +524,7 @@ def pooled_headline_html(report: Report) -> str:
                     f"<td class='num'>{pct(r.seen_majority)}</td><td class='num'>{unseen}</td>"
                     f"<td class='num'>{pct(r.fold_std)}</td><td class='num'>{pct(r.unseen_majority)}</td>"
                     f"<td class='num'>{speakers}</td><td class='num'>{pct(r.chance)}</td></tr>")
-    seconds = training_seconds(report.run_dir)
-    wall = (f"<p>Training wall time (from the {len(pooled.members)} runs' metrics.csv): {seconds / 60:.1f} min.</p>"
-            if seconds else "")
+    wall = training_wall_html(report)
     return (
         "<h2>Headline numbers</h2>\n"
         f"<p>Pooled over {config['folds']} speaker fold(s) x {config['seeds']} training seed(s) "
@@ -426,9 +554,10 @@ def effective_settings(run_dir: Path) -> list[tuple[str, str, str, str]] | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
-    if members:  # the experiment's own settings (folds, seeds, seed), not those of its first member
+    if members:  # the experiment's own settings (folds, seeds, seed, its folder), not those of its first member
         experiment = runfolder.read_json(Path(run_dir) / runfolder.EXPERIMENT)["config"]
         record |= {k: experiment[k] for k in ("folds", "fold", "seeds", "seed") if k in experiment}
+        record["run_dir"] = str(run_dir)
     summary_path = path.parent / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     rows = []

@@ -16,6 +16,7 @@ output gets the text unchanged in meaning and harmless in effect:
 from __future__ import annotations
 
 import html
+import math
 import re
 import unicodedata
 from typing import Any
@@ -28,6 +29,28 @@ PERCENT = "{:.1%}"  # every share a person reads (tables, figures, verdicts): pe
 def percent(share: float) -> str:
     """A share (0.256) as vox shows it everywhere: ``25.6%``."""
     return PERCENT.format(share)
+
+
+def points(difference: float) -> str:
+    """A difference of two shares (0.039) as a reader says it: ``3.9 percentage points``."""
+    return f"{100 * difference:.1f} percentage points"
+
+
+def number(value: float) -> str:
+    """Any other number a person reads (a loss, a slope, a median level): never scientific notation.
+
+    Whole numbers as integers with thousands separators (``1,920``); otherwise about three significant
+    digits in fixed notation (``7,813``, ``-42.3``, ``1.23``, ``-0.023``, ``0.00012``). NaN is shown as
+    an empty string.
+    """
+    if value != value:  # NaN
+        return ""
+    if float(value).is_integer():
+        return f"{int(value):,}"
+    size = abs(value)
+    decimals = 0 if size >= 100 else 1 if size >= 10 else 2 if size >= 1 else 3 if size >= 0.001 else \
+        1 - math.floor(math.log10(size))
+    return f"{value:,.{decimals}f}"
 
 
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+!|~$-])")  # <, >, & are left to html.escape
