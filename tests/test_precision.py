@@ -1,7 +1,8 @@
 """precision=auto: picks the faster precision by measurement on CPU, caches it, leaves the run unchanged.
 
-The steps here are fakes whose cost is set by the test (a fixed number of matrix products), so the
-faster precision is known in advance by a wide margin, without timing assertions on the machine.
+The steps here are fakes whose cost is set by the test in seconds of a fake clock that the
+measurement reads, so the faster precision is known in advance and nothing depends on how busy the
+machine is.
 """
 from __future__ import annotations
 
@@ -19,12 +20,26 @@ from voxlib.config import Config
 SHAPE = {"width": 0.25, "heads": {"speaker": 40, "birthplace": 8, "sex": 2}, "batch": 32, "channels_last": True}
 
 
+class FakeClock:
+    """time.perf_counter for precision.py: only the fake steps move it."""
+
+    now = 0.0
+
+    @classmethod
+    def perf_counter(cls) -> float:
+        return cls.now
+
+
+@pytest.fixture(autouse=True)
+def fake_clock(monkeypatch):
+    monkeypatch.setattr(precision.time, "perf_counter", FakeClock.perf_counter)
+
+
 class FakeSteps:
-    """make_step for resolve_precision: ``work[p]`` matrix products per step; counts every call."""
+    """make_step for resolve_precision: a step costs ``work[p]`` ms of the fake clock; counts every call."""
 
     def __init__(self, work: dict[str, int]):
         self.work, self.built, self.calls = work, [], {p: 0 for p in work}
-        self.a = torch.rand(256, 256)
 
     def __call__(self, p: str):
         self.built.append(p)
@@ -33,8 +48,7 @@ class FakeSteps:
         def step():
             self.calls[p] += 1
             np.random.rand(3), random.random(), torch.randn(4)  # so does a training step
-            for _ in range(self.work[p]):
-                self.a @ self.a
+            FakeClock.now += self.work[p] / 1000
         return step
 
 
@@ -173,36 +187,35 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch):
         assert precision.native_bf16() is native
 
 
-class BurstySteps(FakeSteps):
-    """FakeSteps whose ``burst``-th timed call of one precision runs 30x the work (a neighbour's burst)."""
+class ClockedSteps:
+    """make_step whose steps cost ``cost[p]`` seconds of a fake clock (no timing of this machine); the
+    ``burst``-th timed step of ``burst_on`` costs 30 times as much, like a neighbour's burst of load."""
 
-    def __init__(self, work, burst_on: str, burst: int):
-        super().__init__(work)
-        self.burst_on, self.burst = burst_on, burst
+    def __init__(self, cost: dict[str, float], burst_on: str, burst: int):
+        self.cost, self.burst_on, self.burst = cost, burst_on, burst
+        self.calls = {p: 0 for p in cost}
 
-    def __call__(self, p):
-        plain = super().__call__(p)
-
+    def __call__(self, p: str):
         def step():
-            plain()
-            if p == self.burst_on and self.calls[p] == precision.WARMUP_STEPS + self.burst:
-                for _ in range(30 * self.work[p]):
-                    self.a @ self.a
+            self.calls[p] += 1
+            slow = p == self.burst_on and self.calls[p] == precision.WARMUP_STEPS + self.burst
+            FakeClock.now += self.cost[p] * (30 if slow else 1)
         return step
 
 
 @pytest.mark.parametrize("faster,burst_on", [("bf16", "bf16"), ("fp32", "fp32")])
 def test_a_simulated_burst_during_measurement_leaves_the_choice_and_is_recorded(tmp_path, monkeypatch, faster,
                                                                                burst_on):
+    slower = "fp32" if faster == "bf16" else "bf16"
+    steps = ClockedSteps({faster: 1.0, slower: 2.0}, burst_on=burst_on, burst=2)
     monkeypatch.setattr(precision, "DECIDED", float("inf"))  # every round is taken, as on a close call
     monkeypatch.setattr(precision, "native_bf16", lambda: faster != "bf16")  # native would be the wrong pick
-    slower = "fp32" if faster == "bf16" else "bf16"
-    steps = BurstySteps({faster: 4, slower: 12}, burst_on=burst_on, burst=2)
     choice = precision.resolve_precision(cfg_for(tmp_path), torch.device("cpu"), steps, SHAPE)
     assert (choice.precision, choice.reason) == (faster, "faster")
-    assert len(choice.rounds) == precision.TIMED_ROUNDS
-    burst_round = choice.rounds[1]  # the faster precision's second timed step ran 30x its work
-    assert (burst_round < 1) if faster == "bf16" else (burst_round > 1)
+    ratio = 2.0 if faster == "bf16" else 0.5  # bf16 speed over fp32 speed
+    burst = 2.0 / 30 if faster == "bf16" else 30 / 2.0  # the second round: the faster one ran 30x its cost
+    assert choice.rounds == pytest.approx([ratio, burst, ratio, ratio, ratio])
+    assert choice.samples_per_s[faster] == pytest.approx(SHAPE["batch"] / 1.0)  # the median round, not the burst
     record = choice.as_dict()
     assert set(record["load"]) == {"before", "after", "cores"} and record["load"]["cores"] >= 1
     assert record["rounds"] == choice.rounds
