@@ -20,6 +20,7 @@ import argparse
 import difflib
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path, PurePath
@@ -44,7 +45,9 @@ PATH_ERRORS = {"FileNotFoundError": "no such file or folder", "PermissionError":
                "IsADirectoryError": "is a folder, not a file", "NotADirectoryError": "not a folder",
                "FileExistsError": "already exists"}
 
-
+# torch re-raises an error from a DataLoader worker as its own class (or RuntimeError) with this
+# message and the worker's traceback; the user's sentence is the traceback's last entry
+_WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process \d+\.")
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -238,7 +241,19 @@ def run_command(main: Callable[[list[str]], Any], argv: Sequence[str] | None = N
 
 
 def describe_error(err: BaseException) -> tuple[int, str] | None:
-    """(exit status, message) for a user error; None for anything else (SystemExit, bugs)."""
+    """(exit status, message) for a user error; None for anything else (SystemExit, bugs).
+
+    An error raised in a DataLoader worker is judged as the error it was in the worker: its own
+    class decides the exit status and its own message is shown, not torch's wrapper.
+    """
+    unwrapped = worker_error(err)
+    if unwrapped is not None:
+        name, text = unwrapped
+        if name in USAGE_ERRORS:
+            return EXIT_USAGE, f"error: {_message(text)}"
+        if name in RUN_ERRORS or name in PATH_ERRORS or name == "OSError":
+            return EXIT_FAILED, f"error: {_message(text)}"
+        return None
     names = [cls.__name__ for cls in type(err).__mro__]
     if isinstance(err, Terminated):
         return EXIT_TERMINATED, "error: interrupted (SIGTERM); re-run the same command to resume"
@@ -255,7 +270,23 @@ def describe_error(err: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def _message(err: BaseException) -> str:
+def worker_error(err: BaseException) -> tuple[str, str] | None:
+    """(class name, message) of the error a DataLoader worker raised, from torch's wrapper; else None."""
+    text = str(err)
+    found = _WORKER_ERROR.match(text)
+    if not found:
+        return None
+    name = found.group(1)
+    lines = text.split("\n")
+    entry = re.compile(rf"^(?:[\w.]+\.)?{re.escape(name)}(?:: (.*))?$")
+    for i in range(len(lines) - 1, 0, -1):
+        last = entry.match(lines[i])
+        if last:
+            return name, "\n".join([last.group(1) or name, *lines[i + 1:]]).strip()
+    return name, lines[0]
+
+
+def _message(err: BaseException | str) -> str:
     """The error's own text: a problem list keeps its first lines and counts the rest."""
     # a message's own lines are kept; control characters inside one (a \r in a file name) are escaped
     lines = [one_line(line) for line in str(err).strip().split("\n")] or [type(err).__name__]

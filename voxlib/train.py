@@ -32,7 +32,6 @@ the run folder (runfolder.py) in an order that survives a failure at any write.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -810,8 +809,7 @@ def run_training(cfg: Config, env: Dist) -> Path:
             return run_dir
         if env.main:
             if progress["epoch"]:
-                log.info("resuming %s after epoch %d", run_dir, progress["epoch"])
-            (run_dir / runfolder.SUMMARY).unlink(missing_ok=True)  # no longer complete
+                log.info("%s", runfolder.resume_note(run_dir, cfg.epochs, progress["epoch"]))
             write_run_files(run_dir, cfg, data, choice)
             runfolder.write_metrics(run_dir, [], keep_until=progress["epoch"])
             for stale in (run_dir / runfolder.CHECKPOINTS).glob(".*.tmp*"):  # left by a crash mid-save
@@ -840,14 +838,7 @@ def run_training(cfg: Config, env: Dist) -> Path:
 
 
 def is_complete(run_dir: Path, cfg: Config, progress: dict) -> bool:
-    summary = run_dir / runfolder.SUMMARY
-    if not summary.is_file():
-        return False
-    try:
-        done = json.loads(summary.read_text())
-    except (OSError, ValueError):
-        return False
-    return done.get("epochs") == cfg.epochs and done.get("epochs_trained") == progress["epoch"]
+    return runfolder.is_complete(run_dir, cfg.epochs, progress["epoch"], (progress["best"] or {}).get("epoch"))
 
 
 def train_epochs(cfg: Config, env: Dist, data: RunData, parts: Parts, run_dir: Path, progress: dict, writer) -> None:
