@@ -87,6 +87,8 @@ log = logging.getLogger("voxlib.predict")  # not __name__: "__main__" under pyth
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff")
 EVAL_SPLITS = ("seen_test", "unseen_test")  # evaluated utterances of training / other speakers
 VOICE_MATCH = 0.5  # a reused name is the same voice if recognised at least this share as often as its own clips
+# a speaker is judged by voice only if the run recognises at least half of at least 3 of its own held-out clips
+VOICE_REFERENCE_ROWS, VOICE_REFERENCE_SHARE = 3, 0.5
 SHOWN_PROBLEMS = 5  # an error about several inputs names this many, then counts the rest
 SPEAKER_RULES = ("voice", "name")
 
@@ -521,7 +523,7 @@ def evaluate_manifest(clf: Classifier, manifest_path: str | Path, out_dir: str |
             [manifest.rejected[["path", "reason"]], rejected[["path", "reason"]]], ignore_index=True))
         if embeddings and features is not None:
             runfolder.write_embeddings(out_dir, features, row_ids, split)
-        run = evaluate.load_run(out_dir, allow_unfinished=True)  # this very writer holds it
+        run = runfolder.read_run(out_dir)  # the folder this process is writing
         scores = evaluate.accuracy_table(run, splits=EVAL_SPLITS)
         runfolder.write_csv(out_dir, runfolder.SCORES, scores)
         for h in scores["head"].unique():
@@ -537,19 +539,27 @@ def evaluate_manifest(clf: Classifier, manifest_path: str | Path, out_dir: str |
 def other_voices(clf: Classifier, done: pd.DataFrame, frame: pd.DataFrame, named: pd.Series) -> list[str]:
     """Manifest speakers named like a training speaker whose voice the run does not recognise.
 
-    A speaker is the training speaker of that name when the speaker head names them on at least
-    ``VOICE_MATCH`` times the share it reaches on that speaker's own held-out utterances in the run's
-    predictions.csv (every member's, for an ensemble); a speaker the run never recognised even there
-    cannot be judged and keeps the name.
+    The reference is the run's own: the share of the training speaker's held-out utterances
+    (predictions.csv, every member's for an ensemble) its speaker head names correctly. A speaker
+    the run recognises there (at least ``VOICE_REFERENCE_SHARE`` of at least ``VOICE_REFERENCE_ROWS``
+    utterances) is the same voice when the head names them on at least ``VOICE_MATCH`` times that
+    share of their utterances here, and another voice below it. Where the reference is too weak to
+    judge (an undertrained run), the name is kept, and a note says so.
     """
     own = pd.concat([runfolder.read_csv(m.path / runfolder.PREDICTIONS, ["speaker", "split", "speaker_pred"])
                      for m in clf.members], ignore_index=True)
     own = own[own["split"].isin(runfolder.SEEN_SPLITS)]
-    reference = (own["speaker_pred"] == own["speaker"]).groupby(own["speaker"]).mean()
+    recognised = (own["speaker_pred"] == own["speaker"]).groupby(own["speaker"]).agg(["mean", "size"])
     speaker = done["speaker"].astype(str)
-    hits = (frame["speaker_pred"].to_numpy() == speaker.to_numpy())
+    hits = frame["speaker_pred"].to_numpy() == speaker.to_numpy()
     share = pd.Series(hits[named.to_numpy()]).groupby(speaker[named].to_numpy()).mean()
-    return sorted(s for s, got in share.items() if got < VOICE_MATCH * reference.get(s, 0.0))
+    judged = recognised[(recognised["size"] >= VOICE_REFERENCE_ROWS) & (recognised["mean"] >= VOICE_REFERENCE_SHARE)]
+    unjudged = sorted(set(share.index) - set(judged.index))
+    if unjudged:
+        log.info("%d speaker name(s) shared with the run could not be checked by voice (the run recognises too few "
+                 "of their own held-out utterances): %s; kept by name", len(unjudged),
+                 ", ".join(one_line(s) for s in unjudged[:SHOWN_PROBLEMS]))
+    return sorted(s for s, got in share.items() if s in judged.index and got < VOICE_MATCH * judged.at[s, "mean"])
 
 
 # --- files predict writes ------------------------------------------------------------------------------

@@ -293,6 +293,11 @@ def pooled_members(path: str | Path) -> list[Path]:
     return [Path(path) / m["name"] for m in read_json(Path(path) / EXPERIMENT)["members"]]
 
 
+def read_run(path: str | Path) -> Run:
+    """Read a run or evaluation folder without the finished check: only for the process writing it."""
+    return _parse_run(Path(path))
+
+
 def _parse_run(path: Path) -> Run:
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if missing:
@@ -519,11 +524,15 @@ def contract_problems(path: str | Path) -> dict[str, str]:
     if not problems.keys() & {CONFIG, LABELS, SPLITS_FILE, METRICS, PREDICTIONS}:
         try:
             run = _parse_run(path)
-            if EMBEDDINGS not in problems:
-                run.embeddings
-        except (RunError, ValueError, OSError, zipfile.BadZipFile) as err:
+        except RunError as err:
             named = next((n for n in RUN_CONTRACT if str(err).startswith(str(path / n))), PREDICTIONS)
             problems[named] = _without_path(err, path / named)
+        else:
+            if EMBEDDINGS not in problems:
+                try:
+                    run.embeddings
+                except RunError as err:
+                    problems[EMBEDDINGS] = _without_path(err, path / EMBEDDINGS)
     return problems
 
 
@@ -542,9 +551,12 @@ def is_complete(run_dir: str | Path, epochs: int, trained: int, best_epoch: int 
     checkpoint that cannot be rebuilt is refused, naming the file.
     """
     run_dir = Path(run_dir)
+    if not (run_dir / SUMMARY).is_file():
+        return False
     try:
         done = read_json(run_dir / SUMMARY)
-    except RunError:
+    except RunError as err:
+        log.warning("%s; written again from the checkpoints", err)
         return False
     if not isinstance(done, dict) or done.get("epochs") != epochs or done.get("epochs_trained") != trained:
         return False
@@ -640,13 +652,16 @@ def read_predictions(path: Path, labels: dict[str, list[str]]) -> pd.DataFrame:
 def _read_embeddings(path: Path, splits: pd.DataFrame) -> Embeddings:
     if not path.is_file():
         raise RunError(f"{path}: missing (trunk features are needed for projections and probes)")
-    with np.load(path, allow_pickle=False) as data:
-        missing = [k for k in ("features", "row", "split") if k not in data.files]
-        if missing:
-            raise RunError(f"{path}: missing array(s) {missing}")
-        features = data["features"].astype(np.float32)
-        row = data["row"].astype(np.int64)
-        split = data["split"].astype(str)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("features", "row", "split") if k not in data.files]
+            if missing:
+                raise RunError(f"{path}: missing array(s) {missing}")
+            features = data["features"].astype(np.float32)
+            row = data["row"].astype(np.int64)
+            split = data["split"].astype(str)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
+        raise RunError(f"{path}: damaged ({err})") from err
     if features.ndim != 2 or not (len(features) == len(row) == len(split)):
         raise RunError(f"{path}: expected features (N, D), row (N,), split (N,); got "
                        f"{features.shape}, {row.shape}, {split.shape}")
