@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import shutil
 from pathlib import Path
 
@@ -103,3 +104,21 @@ def copy_run(run: Path, to: Path) -> Path:
     """A copy of a run folder to damage or change (the lock file and its note are not copied)."""
     shutil.copytree(run, to, ignore=shutil.ignore_patterns(".vox-run.lock*"))
     return to
+
+
+class LogLines(logging.Handler):
+    """vox's log lines during a ``with`` block, as text (the 'voxlib' logger may not propagate to caplog)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        logging.getLogger("voxlib").addHandler(self)
+        return self.lines
+
+    def __exit__(self, *exc):
+        logging.getLogger("voxlib").removeHandler(self)

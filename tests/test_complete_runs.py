@@ -9,7 +9,6 @@ tries that on a real experiment).
 """
 from __future__ import annotations
 
-import logging
 import os
 import zipfile
 from pathlib import Path
@@ -19,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import copy_run
+from conftest import LogLines, copy_run
 from run_folder_factory import make_run_folder
 from voxlib import experiment, runfolder
 from voxlib.checkpoint import CheckpointError, load_checkpoint
@@ -29,24 +28,6 @@ from voxlib.runfolder import RunError
 from voxlib.train import train
 
 REWRITTEN = (runfolder.PREDICTIONS, runfolder.EMBEDDINGS, runfolder.SUMMARY, runfolder.LABELS, runfolder.SPLITS_FILE)
-
-
-class Lines(logging.Handler):
-    """vox's log lines during a block (the 'voxlib' logger may not propagate to pytest's capture)."""
-
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    def __enter__(self):
-        logging.getLogger("voxlib").addHandler(self)
-        return self.lines
-
-    def __exit__(self, *exc):
-        logging.getLogger("voxlib").removeHandler(self)
 
 
 def replay(run: Path) -> Config:
@@ -75,7 +56,7 @@ def test_a_damaged_output_is_written_again_identical(trained_run, tmp_path, name
     run = copy_run(trained_run, tmp_path / "run")
     damage(run / name, how)
     assert name in runfolder.contract_problems(run)
-    with Lines() as lines:
+    with LogLines() as lines:
         train(replay(run))
     assert any(str(run / name) in line and "written again" in line for line in lines), lines
     assert runfolder.contract_problems(run) == {}
@@ -91,7 +72,7 @@ def test_a_lost_best_checkpoint_at_the_last_epoch_is_restored_from_last(trained_
     (run / "checkpoints" / "best.pt").unlink()
     with pytest.raises(CheckpointError, match="best.pt: checkpoint missing from the finished run"):
         Classifier.from_run(run)
-    with Lines() as lines:
+    with LogLines() as lines:
         train(replay(run))
     assert any("its best epoch is the last one, so it is restored from last.pt" in line for line in lines)
     restored, original = load_checkpoint(run / "checkpoints" / "best.pt"), load_checkpoint(trained_run / "checkpoints" / "best.pt")

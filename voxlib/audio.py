@@ -70,7 +70,9 @@ def as_mono(wave, sample_rate, name: str = "waveform") -> tuple[np.ndarray, int]
         array = (array.astype(np.float64) - (full if array.dtype.kind == "u" else 0.0)) / full
     elif array.dtype.kind != "f":
         raise AudioError(f"{name}: samples must be real numbers, got dtype {array.dtype}")
-    if array.ndim == 2:
+    if array.ndim == 2 and array.size == 0:
+        array = np.zeros(0, np.float32)  # no samples, whatever the layout: refused as such by wave_problem
+    elif array.ndim == 2:
         rows, columns = array.shape
         if rows == columns:
             raise AudioError(f"{name}: a {rows} x {columns} array is ambiguous (time is the longer axis); "
@@ -87,15 +89,15 @@ def as_mono(wave, sample_rate, name: str = "waveform") -> tuple[np.ndarray, int]
 
 
 def wave_problem(wave: np.ndarray, sample_rate: int, target_rate: int, n_fft: int) -> str | None:
-    """Why a mono waveform cannot be scored (the checks every manifest row passes), or None."""
+    """Why a mono waveform cannot be scored, or None: the checks every manifest row passes, in their order."""
     if wave.size == 0:
         return "no audio samples"
-    finite = np.isfinite(wave)
-    if not finite.all():
-        return nonfinite_reason(int(wave.size - finite.sum()))
     at_rate = wave.size * target_rate / sample_rate
     if at_rate < n_fft:
         return too_short_reason(wave.size / sample_rate, at_rate, target_rate, n_fft)
+    finite = np.isfinite(wave)
+    if not finite.all():
+        return nonfinite_reason(int(wave.size - finite.sum()))
     peak = float(np.abs(wave).max())
     if peak < SILENCE_PEAK:
         return silent_reason(peak)

@@ -424,12 +424,18 @@ def _load_member(path: Path, name: str, checkpoint: str, precision: str | None, 
 def aligned(frame: pd.DataFrame, rejected: pd.DataFrame, n: int, heads: Sequence[str]) -> pd.DataFrame:
     """run()'s two tables as one row per input: scored rows as they are, unusable ones with ``problem``."""
     out = frame.set_index("index").reindex(range(n))
-    bad = rejected.set_index("index")
-    out.loc[bad.index, "path"] = bad["path"]
+    paths = pd.Series("", index=range(n), dtype=object)
+    paths[frame["index"].to_numpy()] = frame["path"].to_numpy()
+    paths[rejected["index"].to_numpy()] = rejected["path"].to_numpy()
+    out["path"] = paths
     for h in heads:
         for part in ("pred", "top5"):
-            out[f"{h}_{part}"] = out[f"{h}_{part}"].fillna("")
-    out["problem"] = bad["reason"].reindex(range(n)).fillna("")
+            column = out[f"{h}_{part}"].astype(object)
+            out[f"{h}_{part}"] = column.where(column.notna(), "")
+        out[f"{h}_prob"] = out[f"{h}_prob"].astype(float)
+    problems = pd.Series("", index=range(n), dtype=object)
+    problems[rejected["index"].to_numpy()] = rejected["reason"].to_numpy()
+    out["problem"] = problems
     return out.reset_index(drop=True)
 
 
