@@ -117,8 +117,13 @@ class LogLines(logging.Handler):
         self.lines.append(record.getMessage())
 
     def __enter__(self) -> list[str]:
-        logging.getLogger("voxlib").addHandler(self)
+        logger = logging.getLogger("voxlib")
+        self.level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
         return self.lines
 
     def __exit__(self, *exc):
-        logging.getLogger("voxlib").removeHandler(self)
+        logger = logging.getLogger("voxlib")
+        logger.removeHandler(self)
+        logger.setLevel(self.level)

@@ -193,7 +193,7 @@ def test_reference_baselines_pool_every_fold_on_its_own_split(pooled):
 
 def pooled_folder(root: Path, unseen: tuple[float, float]) -> runfolder.Pooled:
     """A constructed 2-fold pooled folder: birthplace right on exactly unseen[k] of fold k's 30 unseen rows."""
-    cfg = Config(folds=2, run_dir=str(runfolder.claim(root)))
+    cfg = Config(folds=2, epochs=10, run_dir=str(runfolder.claim(root)))  # the factory trains 10 epochs
     plan = experiment.members(cfg)
     for k, accuracy in enumerate(unseen):
         constructed_member(root, f"fold{k}", k, birthplace_unseen=accuracy, birthplace_seen=1.0)
