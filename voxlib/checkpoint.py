@@ -64,16 +64,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"tensors and plain containers, and unpickling it could run arbitrary code; use a checkpoint "
                 f"written by vox"
             ) from err
-        raise CheckpointError(f"{path}: damaged (its contents do not unpickle: {_first_words(err)}); "
-                              f"it cannot be used") from err
+        raise CheckpointError(f"{path}: damaged (its contents cannot be read as a checkpoint: "
+                              f"{_first_words(err)}); it cannot be used") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: damaged (holds a {type(state).__name__}, not a checkpoint's dict)")
     return state
 
 
 def _first_words(err: Exception) -> str:
-    """A short description of torch's error without its advice (which suggests weights_only=False)."""
+    """torch's reason in a few words, without its advice (which suggests weights_only=False)."""
     text = str(err)
     detail = text.rsplit("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
-    words = " ".join(detail.split())
-    return (words.split(". ")[0] or type(err).__name__)[:120]
+    line = next((line.strip() for line in detail.splitlines() if line.strip()), type(err).__name__)
+    return line.split(". ")[0][:120]

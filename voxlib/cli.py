@@ -17,6 +17,7 @@ checkpoint when the same command is run again.
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import logging
 import os
@@ -249,9 +250,13 @@ def describe_error(err: BaseException) -> tuple[int, str] | None:
     unwrapped = worker_error(err)
     if unwrapped is not None:
         name, text = unwrapped
+        original = _rebuilt(err, name, text)
+        if original is not None:
+            return describe_error(original)
+        # a class torch could not rebuild (its constructor takes other arguments): judged by its name
         if name in USAGE_ERRORS:
             return EXIT_USAGE, f"error: {_message(text)}"
-        if name in RUN_ERRORS or name in PATH_ERRORS or name == "OSError":
+        if name in RUN_ERRORS:
             return EXIT_FAILED, f"error: {_message(text)}"
         return None
     names = [cls.__name__ for cls in type(err).__mro__]
@@ -284,6 +289,25 @@ def worker_error(err: BaseException) -> tuple[str, str] | None:
         if last:
             return name, "\n".join([last.group(1) or name, *lines[i + 1:]]).strip()
     return name, lines[0]
+
+
+def _rebuilt(err: BaseException, name: str, text: str) -> BaseException | None:
+    """The worker's error as it was raised there (its class, its message; errno and file of an OSError)."""
+    cls = type(err)
+    if cls.__name__ != name:
+        return None
+    if issubclass(cls, OSError):  # str(OSError) is "[Errno N] strerror: 'file'", the file name as its repr
+        parts = re.match(r"\[Errno (\d+)\] (.*?)(?:: ('.*'|\".*\"))?$", text, re.S)
+        if parts:
+            try:
+                filename = [ast.literal_eval(parts[3])] if parts[3] is not None else []
+            except (ValueError, SyntaxError):
+                filename = []
+            return cls(int(parts[1]), parts[2], *filename)
+    try:
+        return cls(text)
+    except Exception:  # noqa: BLE001 - a class that cannot be rebuilt is judged by its name
+        return None
 
 
 def _message(err: BaseException | str) -> str:
