@@ -646,9 +646,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    log_to(sys.stderr)
     command = parser()
     args, _ = parse(command, argv)
+    log_to(sys.stderr)
     if bool(args.inputs) == bool(args.manifest):
         command.error("give audio PATHs or --manifest, not both and not neither")
     clf = Classifier.from_run(args.run_dir, args.checkpoint, args.device, args.precision, args.member,
