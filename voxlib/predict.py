@@ -38,7 +38,9 @@ who shares a name with a training speaker counts as that (seen) speaker only if 
 the voice: its speaker head names them on at least half as many of their utterances as it does on
 the training speaker's own held-out utterances (predictions.csv). Otherwise the speaker is a
 different voice under a reused name: warned about, scored as an unseen speaker (birthplace, sex)
-and not on the speaker head. ``--speakers name`` trusts the names (still warning).
+and not on the speaker head. A run that does not recognise the training speaker's own clips (on
+fewer than half of at least 3) cannot judge, and keeps the name (a note says so). ``--speakers
+name`` trusts the names (still warning).
 
 Python::
 
