@@ -9,12 +9,14 @@ differently.
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import pytest
 
 from conftest import copy_run
 from run_folder_factory import make_run_folder
-from voxlib import evaluate, runfolder
+from voxlib import evaluate, lock, report, runfolder
 from voxlib.config import Config, ConfigError
 from voxlib.model import Discriminator, load_discriminator
 from voxlib.notebook import prepare
@@ -222,3 +224,37 @@ def test_predict_on_a_run_while_it_trains_and_after_it_is_killed(tiny_corpus, tm
     assert killed.returncode == 1
     assert "no summary.json: its training stopped after epoch 2 of 3" in killed.stderr
     assert load_discriminator(run, allow_unfinished=True)[1]["epoch"] == 1
+
+
+def test_the_reports_headline_says_the_run_is_unfinished(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    (run / runfolder.SUMMARY).unlink()
+    page = report.headline_html(report.Report(run, run / "reports" / "index.html", []))
+    assert "cannot read the run" in page and "unfinished run: it has no summary.json" in page
+
+
+def test_a_reader_probing_the_lock_never_turns_a_writer_away(tmp_path, monkeypatch):
+    """held() takes a shared lock for an instant; a writer arriving in that instant waits it out."""
+    assert lock.PROBE_GRACE_S > 0
+    folder = runfolder.claim(tmp_path / "run")
+    (folder / runfolder.LOCK).touch()
+    monkeypatch.setattr(lock, "PROBE_GRACE_S", 30.0)  # the rule under test, with room for a loaded machine
+    entered = threading.Event()
+
+    def write():
+        with runfolder.writing(folder):
+            entered.set()
+
+    with open(folder / runfolder.LOCK) as probe:
+        fcntl.flock(probe, fcntl.LOCK_SH)  # a reader in the middle of its probe
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert not entered.wait(0.3)  # the writer waits for the probe, it is not refused
+        fcntl.flock(probe, fcntl.LOCK_UN)
+    writer.join()
+    assert entered.is_set()
+    monkeypatch.setattr(lock, "PROBE_GRACE_S", 0.0)
+    with open(folder / runfolder.LOCK) as probe:  # without the grace the same writer is turned away
+        fcntl.flock(probe, fcntl.LOCK_SH)
+        with pytest.raises(lock.LockedError):
+            write()
