@@ -3,8 +3,9 @@
 Each of a clip's ``eval_crops`` crops is computed from its own window of samples (features.crop_samples
 and spectrogram_crop; audio.read_window with a margin when resampling). The crops equal the whole-clip
 path (load_audio -> spectrogram -> float16 -> eval_crops_of, which is what the feature cache and
-training's evaluation compute) bit for bit at the model's rate, and to float16 rounding through
-soxr; a run trained on 44.1 kHz stereo files gets its own predictions.csv back. Peak memory of a
+training's evaluation compute) bit for bit at the model's rate (WAV, FLAC, Ogg), and to the
+cache's float16 rounding through soxr and for MP3 (decoded forward, never seeked into); a run
+trained on 44.1 kHz stereo files gets its own predictions.csv back. Peak memory of a
 predict process is the same for a 3 s clip and a 30-minute one (measured with ru_maxrss).
 """
 from __future__ import annotations
@@ -31,10 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 GROWTH_BOUND_MIB = 32  # README: peak memory does not grow with clip length beyond this
 
 
+FORMATS = {".wav": {"subtype": "PCM_16"}, ".flac": {}, ".ogg": {"format": "OGG", "subtype": "VORBIS"},
+           ".mp3": {"format": "MP3", "subtype": "MPEG_LAYER_III"}}
+
+
 def write_tone(path: Path, seconds: float, sr: int, channels: int = 1, seed: int = 0) -> Path:
-    """A long voiced-ish tone with a slow level change, written in 10 s blocks (never whole in memory)."""
+    """A long voiced-ish tone with a slow level change, written in 10 s blocks (never whole in memory);
+    the format follows the suffix."""
     rng = np.random.default_rng(seed)
-    with sf.SoundFile(path, "w", samplerate=sr, channels=channels, subtype="PCM_16") as fh:
+    with sf.SoundFile(path, "w", samplerate=sr, channels=channels, **FORMATS[path.suffix]) as fh:
         done, total = 0, int(seconds * sr)
         while done < total:
             n = min(10 * sr, total - done)
@@ -59,24 +65,27 @@ def clf5(trained_run) -> Classifier:
     return clf
 
 
-@pytest.mark.parametrize("seconds,sr,channels,start,end", [
-    (40.0, 16000, 1, None, None), (1.3, 16000, 1, None, None), (0.04, 16000, 1, None, None),
-    (20.0, 16000, 2, 3.25, 11.5), (30.0, 44100, 2, None, None), (12.0, 8000, 1, None, None),
-    (25.0, 48000, 1, 2.0, 19.0), (9.0, 22050, 3, 0.5, None),
+@pytest.mark.parametrize("seconds,sr,channels,start,end,suffix", [
+    (40.0, 16000, 1, None, None, ".wav"), (1.3, 16000, 1, None, None, ".wav"), (0.04, 16000, 1, None, None, ".wav"),
+    (20.0, 16000, 2, 3.25, 11.5, ".wav"), (30.0, 44100, 2, None, None, ".wav"), (12.0, 8000, 1, None, None, ".wav"),
+    (25.0, 48000, 1, 2.0, 19.0, ".wav"), (9.0, 22050, 3, 0.5, None, ".wav"), (20.0, 16000, 1, None, None, ".flac"),
+    (20.0, 16000, 1, 1.0, None, ".ogg"), (20.0, 44100, 1, None, None, ".ogg"), (20.0, 16000, 1, None, None, ".mp3"),
+    (20.0, 44100, 2, 2.5, 17.0, ".mp3"),
 ])
-def test_windowed_crops_equal_the_whole_clip_path(clf5, tmp_path, seconds, sr, channels, start, end):
-    path = write_tone(tmp_path / "clip.wav", seconds, sr, channels)
+def test_windowed_crops_equal_the_whole_clip_path(clf5, tmp_path, seconds, sr, channels, start, end, suffix):
+    path = write_tone(tmp_path / f"clip{suffix}", seconds, sr, channels)
     clip = Clip(str(path), float("nan") if start is None else start, float("nan") if end is None else end)
     crops, problem = clf5._load(clip)
     assert problem is None
     expected = whole_clip_crops(clf5, clip)
     assert crops.shape == expected.shape == (5, 1, 256, 256)
     got = crops.numpy()
-    if sr == 16000:
+    if sr == 16000 and suffix != ".mp3":
         np.testing.assert_array_equal(got, expected)  # no resampling: the same samples, the same values
     else:  # soxr on a window (with margin) agrees with soxr on the whole clip to float32 rounding of the
-        # samples; after the cache's float16 rounding no value moves by more than that rounding's step
-        # near 1.0 (2**-11), and on average by under 1e-5 (0.001 dB)
+        # samples (an MP3 decoder's output depends on its read sizes to the same rounding); after the
+        # cache's float16 rounding no value moves by more than that rounding's step near 1.0 (2**-11),
+        # and on average by under 1e-5 (0.001 dB)
         assert np.abs(got - expected).max() <= 2 ** -11
         assert np.abs(got - expected).mean() < 1e-5
 

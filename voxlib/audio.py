@@ -30,6 +30,10 @@ SILENCE_PEAK = 1e-4
 MAX_CHANNELS = 64  # a 2-D waveform's shorter axis holds the channels, at most this many
 MAX_SAMPLE_RATE = 1_000_000
 RESAMPLE_MARGIN = 1024  # samples (at the target rate) read beyond a window, so soxr's filter sees its context
+# libsndfile seeks into MPEG audio only approximately (the bit reservoir of the frames before is missing):
+# such a file is read forward from the segment's start, as load_audio does, keeping only the windows
+FORWARD_ONLY_FORMATS = ("MP3",)
+_SKIP_BLOCK = 1 << 16  # frames decoded at a time while reading forward to a window
 
 
 # --- the reasons a clip is refused: one wording for files and waveforms ------------------------------
@@ -149,7 +153,8 @@ def read_window(fh: sf.SoundFile, first: int, samples: int, sample_rate: int, lo
     """Samples ``lo..hi`` (at ``sample_rate``) of the segment of ``samples`` native frames that starts at
     frame ``first`` of the open file: what ``load_audio(...)[lo:hi]`` returns, reading only the window.
 
-    Without resampling the values are identical. With it, the window is read with
+    Without resampling the values are identical (an MP3 is decoded forward from the segment's start,
+    as ``load_audio`` does, since seeking into it is not sample-exact). With resampling, the window is read with
     ``RESAMPLE_MARGIN`` samples of context either side, from a native frame that maps to a whole
     target sample, so soxr's output lines up with the whole segment's to float32 rounding (its
     filter is far shorter than the margin; at the segment's ends both see the same edge).
@@ -163,7 +168,15 @@ def read_window(fh: sf.SoundFile, first: int, samples: int, sample_rate: int, lo
         start = start_t * native // sample_rate
         stop = min(samples, -(-(hi + RESAMPLE_MARGIN) * native // sample_rate))
         skip = lo - start_t
-    fh.seek(first + start)
+    if fh.format in FORWARD_ONLY_FORMATS:
+        at = fh.tell()
+        if not first <= at <= first + start:  # windows come in order: carry on from the last one if we can
+            at = fh.seek(first)
+        while at < first + start:
+            at += len(fh.read(min(_SKIP_BLOCK, first + start - at), dtype="float32", always_2d=True)) or \
+                (first + start - at)  # a short read at the end: the window's length check below reports it
+    else:
+        fh.seek(first + start)
     data = fh.read(stop - start, dtype="float32", always_2d=True)
     wave = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
     if native != sample_rate:
