@@ -27,12 +27,13 @@ from voxlib.predict import Classifier
 from voxlib.runfolder import RunError
 from voxlib.train import train
 
-REWRITTEN = (runfolder.PREDICTIONS, runfolder.EMBEDDINGS, runfolder.SUMMARY, runfolder.LABELS, runfolder.SPLITS_FILE)
+REWRITTEN = (runfolder.PREDICTIONS, runfolder.EMBEDDINGS, runfolder.SUMMARY, runfolder.LABELS, runfolder.SPLITS_FILE,
+             runfolder.CONFIG)
 
 
-def replay(run: Path) -> Config:
-    """The command that trained ``run``, pointed at ``run``."""
-    return Config.from_json(run / runfolder.CONFIG).replace(run_dir=str(run))
+def replay(run: Path, trained: Path) -> Config:
+    """The command that trained ``trained``, pointed at its copy ``run``."""
+    return Config.from_json(trained / runfolder.CONFIG).replace(run_dir=str(run))
 
 
 def damage(path: Path, how: str) -> None:
@@ -51,17 +52,19 @@ def damage(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("name,how", [(runfolder.PREDICTIONS, "delete"), (runfolder.EMBEDDINGS, "truncate"),
                                       (runfolder.LABELS, "text"), (runfolder.SUMMARY, "random"),
-                                      (runfolder.SPLITS_FILE, "delete")])
+                                      (runfolder.SPLITS_FILE, "delete"), (runfolder.CONFIG, "truncate")])
 def test_a_damaged_output_is_written_again_identical(trained_run, tmp_path, name, how):
     run = copy_run(trained_run, tmp_path / "run")
     damage(run / name, how)
     assert name in runfolder.contract_problems(run)
     with LogLines() as lines:
-        train(replay(run))
+        train(replay(run, trained_run))
     assert any(str(run / name) in line and "written again" in line for line in lines), lines
     assert runfolder.contract_problems(run) == {}
     for file in REWRITTEN:
-        if file != runfolder.EMBEDDINGS:
+        if file == runfolder.CONFIG:  # the record of this launch: the same settings, its own git commit
+            assert Config.from_json(run / file) == Config.from_json(trained_run / file).replace(run_dir=str(run))
+        elif file != runfolder.EMBEDDINGS:
             assert (run / file).read_bytes() == (trained_run / file).read_bytes(), file
     with np.load(run / runfolder.EMBEDDINGS) as new, np.load(trained_run / runfolder.EMBEDDINGS) as old:
         assert all(np.array_equal(new[k], old[k]) for k in ("features", "row", "split"))
@@ -73,7 +76,7 @@ def test_a_lost_best_checkpoint_at_the_last_epoch_is_restored_from_last(trained_
     with pytest.raises(CheckpointError, match="best.pt: checkpoint missing from the finished run"):
         Classifier.from_run(run)
     with LogLines() as lines:
-        train(replay(run))
+        train(replay(run, trained_run))
     assert any("its best epoch is the last one, so it is restored from last.pt" in line for line in lines)
     restored, original = load_checkpoint(run / "checkpoints" / "best.pt"), load_checkpoint(trained_run / "checkpoints" / "best.pt")
     assert restored["epoch"] == original["epoch"] == 1
@@ -101,7 +104,7 @@ def test_what_cannot_be_rebuilt_is_refused_naming_the_file(trained_run, tmp_path
 
         before = files()
         with pytest.raises(RunError, match=message):
-            train(replay(run))
+            train(replay(run, trained_run))
         assert files() == before
 
 
@@ -109,14 +112,14 @@ def test_a_damaged_last_checkpoint_stops_training_naming_it_as_damaged(trained_r
     run = copy_run(trained_run, tmp_path / "run")
     damage(run / "checkpoints" / "last.pt", "truncate")
     with pytest.raises(CheckpointError, match=r"last\.pt: damaged \(truncated") as caught:
-        train(replay(run))
+        train(replay(run, trained_run))
     assert "pickle" not in str(caught.value) and "weights_only" not in str(caught.value)
 
 
 def test_a_lost_last_checkpoint_trains_the_run_again_to_the_same_result(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
     (run / "checkpoints" / "last.pt").unlink()
-    train(replay(run))
+    train(replay(run, trained_run))
     assert runfolder.contract_problems(run) == {}
     assert (run / runfolder.PREDICTIONS).read_bytes() == (trained_run / runfolder.PREDICTIONS).read_bytes()
 
