@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from voxlib.config import usable_cores
+from voxlib.config import Config, usable_cores
+from voxlib.train import train
 
 BIRTHPLACES = ("north", "south", "east")
 
@@ -106,3 +109,43 @@ def tiny_corpus(tmp_path_factory) -> Path:
 def _isolated_outputs(tmp_path, monkeypatch):
     """No test writes into the checkout's outputs/ folder."""
     monkeypatch.setenv("VOX_OUTPUTS", str(tmp_path / "outputs"))
+
+
+# A small, finished run shared by the predict and run-folder tests (one training for the session).
+TRAINED_SETTINGS = dict(width=1 / 16, batch_size=8, lr=1e-4, epochs=1, threads=2, grad_log_every=0, eval_crops=2)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_corpus, tmp_path_factory) -> Path:
+    """A finished 1-epoch run on the tiny corpus; read-only for tests (copy it with ``copy_run`` to change it)."""
+    return train(Config(**TRAINED_SETTINGS, manifest=str(tiny_corpus), cache_dir=str(tmp_path_factory.mktemp("cache")),
+                        run_dir=str(tmp_path_factory.mktemp("runs") / "run")))
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    """A copy of a run folder to damage or change (the lock file and its note are not copied)."""
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns(".vox-run.lock*"))
+    return to
+
+
+class LogLines(logging.Handler):
+    """vox's log lines during a ``with`` block, as text (the 'voxlib' logger may not propagate to caplog)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        logger = logging.getLogger("voxlib")
+        self.level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self.lines
+
+    def __exit__(self, *exc):
+        logger = logging.getLogger("voxlib")
+        logger.removeHandler(self)
+        logger.setLevel(self.level)

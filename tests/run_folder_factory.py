@@ -175,6 +175,8 @@ def make_run_folder(
     pred[order].to_csv(root / "predictions.csv", index=False)
     pd.DataFrame(metrics, columns=["epoch", "split", "head", "metric", "value"]).to_csv(
         root / "metrics.csv", index=False)
+    # written last, as training does: a finished run
+    (root / "summary.json").write_text(json.dumps({"epochs": epochs, "epochs_trained": epochs, "best_epoch": epochs}))
     return root
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import voxlib.record as record
+from conftest import LogLines
 from run_folder_factory import make_run_folder
 from voxlib import experiment, runfolder
 from voxlib.pooled import pooled_over_folds
@@ -193,7 +194,7 @@ def test_reference_baselines_pool_every_fold_on_its_own_split(pooled):
 
 def pooled_folder(root: Path, unseen: tuple[float, float]) -> runfolder.Pooled:
     """A constructed 2-fold pooled folder: birthplace right on exactly unseen[k] of fold k's 30 unseen rows."""
-    cfg = Config(folds=2, run_dir=str(runfolder.claim(root)))
+    cfg = Config(folds=2, epochs=10, run_dir=str(runfolder.claim(root)))  # the factory trains 10 epochs
     plan = experiment.members(cfg)
     for k, accuracy in enumerate(unseen):
         constructed_member(root, f"fold{k}", k, birthplace_unseen=accuracy, birthplace_seen=1.0)
@@ -243,3 +244,61 @@ def test_folds_are_refused_for_a_manifest_with_its_own_splits(tiny_corpus, tmp_p
         train(Config(manifest=str(manifest), folds=2, run_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
     experiment.refuse_fixed_splits(Config(manifest=str(tiny_corpus), folds=2))  # no split column: fine
+
+
+# --- complete members only; an extension says what it extends and keeps the earlier results ----------
+def copy_pooled(pooled: Path, to: Path) -> Path:
+    return Path(shutil.copytree(pooled, to, ignore=shutil.ignore_patterns(".vox-run.lock*")))
+
+
+def test_a_member_missing_a_file_is_completed_before_pooling_and_one_that_cannot_be_is_refused(pooled, settings,
+                                                                                               tmp_path):
+    run_dir = copy_pooled(pooled, tmp_path / "run")
+    (run_dir / "fold1" / runfolder.PREDICTIONS).unlink()
+    (run_dir / "fold2" / runfolder.LABELS).write_text("{}")
+    (run_dir / "fold0" / runfolder.EMBEDDINGS).write_bytes(b"PK\x03\x04 truncated")
+    train(Config(**settings, run_dir=str(run_dir)))
+    for member in ("fold0", "fold1", "fold2"):
+        assert runfolder.contract_problems(run_dir / member) == {}
+    for name in POOLED_FILES:
+        assert (run_dir / name).read_bytes() == (pooled / name).read_bytes(), name
+    (run_dir / "fold1" / runfolder.METRICS).unlink()
+    (run_dir / "fold2" / "checkpoints" / "best.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(runfolder.RunError, match=r"fold1/metrics\.csv: missing; it cannot be rebuilt without "
+                                                 r"training again: move .*fold1 away"):
+        train(Config(**settings, run_dir=str(run_dir)))
+    for name in POOLED_FILES:  # never rewritten from an incomplete member
+        assert (run_dir / name).read_bytes() == (pooled / name).read_bytes(), name
+
+
+def test_raising_epochs_says_what_it_extends_and_keeps_the_pooled_results_until_every_member_is_done(
+        pooled, settings, tmp_path):
+    run_dir = copy_pooled(pooled, tmp_path / "run")
+    longer = Config(**settings | {"epochs": 3}, run_dir=str(run_dir))
+
+    def stop(point, detail):
+        if point == "step":
+            raise KeyboardInterrupt("stopped in fold0's third epoch")
+
+    record.FAULT_HOOKS.append(stop)
+    try:
+        with LogLines() as lines, pytest.raises(KeyboardInterrupt):
+            train(longer)
+    finally:
+        record.FAULT_HOOKS.remove(stop)
+    assert any(f"extending the finished experiment {run_dir} from 2 to 3 epochs per member (3 trainings)" in line
+               for line in lines), lines
+    assert any(f"extending finished run {run_dir / 'fold0'} from 2 to 3 epochs" in line for line in lines), lines
+    for name in POOLED_FILES:
+        assert (run_dir / name).read_bytes() == (pooled / name).read_bytes(), name
+    kept = (run_dir / runfolder.POOLED).stat().st_mtime_ns
+    for file in (runfolder.SUMMARY, runfolder.PREDICTIONS):
+        assert (run_dir / "fold0" / file).read_bytes() == (pooled / "fold0" / file).read_bytes(), file
+    with pytest.raises(runfolder.UnfinishedRunError, match=r"extension to 3 epochs per member is not finished "
+                                                           r"\(fold0 has 2\)"):
+        runfolder.load_pooled(run_dir)
+    assert runfolder.load_pooled(run_dir, allow_unfinished=True).summary == runfolder.load_pooled(pooled).summary
+    train(longer)  # the same command finishes the extension, then pools the 3-epoch members
+    finished = runfolder.load_pooled(run_dir)
+    assert all(json.loads((m / runfolder.SUMMARY).read_text())["epochs_trained"] == 3 for m in finished.members)
+    assert (run_dir / runfolder.POOLED).stat().st_mtime_ns > kept  # pooled again, from the extended members

@@ -6,9 +6,11 @@ import pandas as pd
 import pytest
 
 from conftest import speaker_table
+from voxlib.config import Config, ConfigError
 from voxlib.pooled import pooled_over_folds
-from voxlib.config import Config
 from voxlib.data import make_splits, unseen_folds
+from voxlib.experiment import refuse_useless_folds
+from voxlib.train import train
 
 
 def corpus_table(sizes: dict[str, int], utterances: int = 4) -> pd.DataFrame:
@@ -99,3 +101,41 @@ def test_a_speaker_in_two_folds_is_refused():
     table = pd.concat([predictions({"s1": (0, 1, 1)}), predictions({"s1": (1, 1, 0)})])
     with pytest.raises(ValueError, match=r"\['s1'\] are unseen in more than one fold"):
         pooled_over_folds(table)
+
+
+# --- folds that cannot all hold out a speaker are refused before any training ------------------------
+def write_manifest(path, sizes: dict[str, int], birthplace: bool = True):
+    """A manifest (no audio: the check reads only the speaker table) with ``sizes[place]`` speakers."""
+    table = speaker_table(sizes, utterances=2).drop(columns=["row", "split"])
+    if not birthplace:
+        table = table.drop(columns="birthplace")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("sizes,settings,message", [
+    ({"a": 2, "b": 2, "c": 1}, {"folds": 3}, r"5 speakers in 3 birthplace class\(es\): a 2, b 2, c 1; no class has "
+                                             r"the 3 speakers unseen_min_speakers=3 asks for, .* set "
+                                             r"unseen_min_speakers=2"),
+    ({"a": 1, "b": 1}, {"folds": 2}, r"every class has one speaker: use folds=1 \(seeds=N repeats"),
+    ({"a": 4, "b": 2}, {"folds": 5}, r"only 4 speakers can be held out, so fold\(s\) 4 would hold out none; use "
+                                     r"folds=4 or fewer"),
+    ({"a": 3, "b": 3}, {"folds": 2, "unseen_per_class": 0}, r"unseen_per_class=0 holds out no speaker"),
+    ({"a": 3, "b": 3}, {"folds": 3, "unseen_min_speakers": 4}, r"set unseen_min_speakers=3"),
+])
+def test_folds_that_cannot_hold_out_a_speaker_are_refused_before_training(tmp_path, sizes, settings, message):
+    manifest = write_manifest(tmp_path / "corpus" / "manifest.csv", sizes)
+    with pytest.raises(ConfigError, match=r"parameter 'folds': \d+ folds would train runs without an unseen-speaker "
+                                          r"result: .*" + message):
+        train(Config(manifest=str(manifest), run_dir=str(tmp_path / "run"), **settings))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corpus_without_birthplaces_is_counted_as_one_class(tmp_path):
+    manifest = write_manifest(tmp_path / "jvs" / "manifest.csv", {"s": 3}, birthplace=False)
+    with pytest.raises(ConfigError, match=r"3 speakers in 1 corpus class\(es\): \(whole corpus\) 3; only 3 speakers "
+                                          r"can be held out, so fold\(s\) 3 would hold out none; use folds=3 or fewer"):
+        refuse_useless_folds(Config(manifest=str(manifest), folds=4))
+    refuse_useless_folds(Config(manifest=str(manifest), folds=3))  # every fold holds out one speaker: fine
+    refuse_useless_folds(Config(manifest=str(manifest), folds=1, seeds=3))  # seeds need no unseen speaker

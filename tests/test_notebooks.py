@@ -61,8 +61,10 @@ def test_committed_notebook_is_clean_and_its_parameters_are_config_defaults(name
 def test_prepare_names_a_missing_manifest_or_run(tmp_path):
     with pytest.raises(ConfigError, match="parameter 'manifest': no such file .*nowhere.csv"):
         prepare(Config(manifest=str(tmp_path / "nowhere.csv")))
-    with pytest.raises(ConfigError, match="parameter 'run_dir': .*holds no finished run"):
+    with pytest.raises(ConfigError, match=r"parameter 'run_dir': .*not a vox run folder \(no config\.json\)"):
         prepare(Config(run_dir=str(tmp_path)), need="run")
+    with pytest.raises(ConfigError, match=r"parameter 'run_dir': .*nowhere: no such folder; train first"):
+        prepare(Config(run_dir=str(tmp_path / "nowhere")), need="run")
 
 
 # --- the full chain, once ---------------------------------------------------------------------------

@@ -10,21 +10,19 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from conftest import make_tiny_corpus
+from conftest import TRAINED_SETTINGS, make_tiny_corpus
 from voxlib import evaluate
 from voxlib.config import Config
 from voxlib.model import Discriminator
 from voxlib.predict import Classifier, evaluate_manifest
 from voxlib.train import train
 
-SETTINGS = dict(width=1 / 16, batch_size=8, lr=1e-4, epochs=1, threads=2, grad_log_every=0, eval_crops=2)
+SETTINGS = TRAINED_SETTINGS
 
 
 @pytest.fixture(scope="module")
-def run(tiny_corpus, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return train(Config(**SETTINGS, manifest=str(tiny_corpus), cache_dir=str(cache),
-                        run_dir=str(tmp_path_factory.mktemp("runs") / "run")))
+def run(trained_run):
+    return trained_run
 
 
 def test_predicting_held_out_rows_reproduces_predictions_csv(run):

@@ -284,14 +284,14 @@ def test_resume_with_a_different_number_of_processes(base, reference, tmp_path, 
 
     with caplog.at_level("INFO", logger="voxlib.train"):
         train(Config(**{**base, "epochs": 2}, run_dir=str(run)))
-    assert f"resuming {run} after epoch 1" in caplog.text
+    assert f"extending finished run {run} from 1 to 2 epochs" in caplog.text  # each launch finished its epochs
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
     assert json.loads((run / "summary.json").read_text())["world_size"] == 1
     after_2 = metrics.read_text()
     assert after_2.startswith(after_1)  # epoch 1 kept as written (its seconds too), not trained again
 
     proc = torchrun(base, run, epochs=3)
-    assert f"resuming {run} after epoch 2" in proc.stderr
+    assert f"extending finished run {run} from 2 to 3 epochs" in proc.stderr
     assert metrics.read_text().startswith(after_2)
     assert proc.stdout.strip().splitlines() == [str(run)]
 

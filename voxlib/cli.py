@@ -17,9 +17,11 @@ checkpoint when the same command is run again.
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -46,7 +48,9 @@ PATH_ERRORS = {"FileNotFoundError": "no such file or folder", "PermissionError":
                "IsADirectoryError": "is a folder, not a file", "NotADirectoryError": "not a folder",
                "FileExistsError": "already exists"}
 
-
+# torch re-raises an error from a DataLoader worker as its own class (or RuntimeError) with this
+# message and the worker's traceback; the user's sentence is the traceback's last entry
+_WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process \d+\.")
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -251,7 +255,23 @@ def run_command(main: Callable[[list[str]], Any], argv: Sequence[str] | None = N
 
 
 def describe_error(err: BaseException) -> tuple[int, str] | None:
-    """(exit status, message) for a user error; None for anything else (SystemExit, bugs)."""
+    """(exit status, message) for a user error; None for anything else (SystemExit, bugs).
+
+    An error raised in a DataLoader worker is judged as the error it was in the worker: its own
+    class decides the exit status and its own message is shown, not torch's wrapper.
+    """
+    unwrapped = worker_error(err)
+    if unwrapped is not None:
+        name, text = unwrapped
+        original = _rebuilt(err, name, text)
+        if original is not None:
+            return describe_error(original)
+        # a class torch could not rebuild (its constructor takes other arguments): judged by its name
+        if name in USAGE_ERRORS:
+            return EXIT_USAGE, f"error: {_message(text)}"
+        if name in RUN_ERRORS:
+            return EXIT_FAILED, f"error: {_message(text)}"
+        return None
     names = [cls.__name__ for cls in type(err).__mro__]
     if isinstance(err, Terminated):
         return EXIT_TERMINATED, "error: interrupted (SIGTERM); re-run the same command to resume"
@@ -268,7 +288,42 @@ def describe_error(err: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def _message(err: BaseException) -> str:
+def worker_error(err: BaseException) -> tuple[str, str] | None:
+    """(class name, message) of the error a DataLoader worker raised, from torch's wrapper; else None."""
+    text = str(err)
+    found = _WORKER_ERROR.match(text)
+    if not found:
+        return None
+    name = found.group(1)
+    lines = text.split("\n")
+    entry = re.compile(rf"^(?:[\w.]+\.)?{re.escape(name)}(?:: (.*))?$")
+    for i in range(len(lines) - 1, 0, -1):
+        last = entry.match(lines[i])
+        if last:
+            return name, "\n".join([last.group(1) or name, *lines[i + 1:]]).strip()
+    return name, lines[0]
+
+
+def _rebuilt(err: BaseException, name: str, text: str) -> BaseException | None:
+    """The worker's error as it was raised there (its class, its message; errno and file of an OSError)."""
+    cls = type(err)
+    if cls.__name__ != name:
+        return None
+    if issubclass(cls, OSError):  # str(OSError) is "[Errno N] strerror: 'file'", the file name as its repr
+        parts = re.match(r"\[Errno (\d+)\] (.*?)(?:: ('.*'|\".*\"))?$", text, re.S)
+        if parts:
+            try:
+                filename = [ast.literal_eval(parts[3])] if parts[3] is not None else []
+            except (ValueError, SyntaxError):
+                filename = []
+            return cls(int(parts[1]), parts[2], *filename)
+    try:
+        return cls(text)
+    except Exception:  # noqa: BLE001 - a class that cannot be rebuilt is judged by its name
+        return None
+
+
+def _message(err: BaseException | str) -> str:
     """The error's own text: a problem list keeps its first lines and counts the rest."""
     # a message's own lines are kept; control characters inside one (a \r in a file name) are escaped
     lines = [one_line(line) for line in str(err).strip().split("\n")] or [type(err).__name__]

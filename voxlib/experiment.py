@@ -17,7 +17,10 @@ gets, through runfolder.py:
   pooled.pooled_summary.
 
 folds=1 and seeds=1 is the single run folder of train_run, with no members. The cost is K x N
-trainings.
+trainings, so an experiment whose folds cannot all hold out a speaker is refused before any of them
+(:func:`refuse_useless_folds`). The pooled files are written only from complete members
+(runfolder.contract_problems), and a re-run that raises ``epochs`` says what it extends and keeps
+the earlier pooled results until every member is extended.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +36,8 @@ import pandas as pd
 
 from voxlib import runfolder
 from voxlib.config import Config, ConfigError
-from voxlib.corpora.source import default_run_dir
+from voxlib.corpora.source import default_run_dir, manifest_path
+from voxlib.data import unseen_folds
 from voxlib.evaluate import scored, scores
 from voxlib.pooled import pooled_summary
 
@@ -61,6 +66,7 @@ def run_experiment(cfg: Config, train_run: Callable[[Config], Path]) -> Path:
     if cfg.folds == 1 and cfg.seeds == 1:
         return train_run(cfg)
     refuse_fixed_splits(cfg)
+    refuse_useless_folds(cfg)
     root = pooled_dir(cfg)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank trains, rank 0 writes
     plan = members(cfg)
@@ -68,7 +74,7 @@ def run_experiment(cfg: Config, train_run: Callable[[Config], Path]) -> Path:
     with runfolder.writing(root, "pooled folder") if main else contextlib.nullcontext(root):
         if main:
             check_pooled_folder(root, cfg)
-            (root / runfolder.POOLED).unlink(missing_ok=True)  # complete again only once pooled below
+            note_extension(root, cfg)
             runfolder.write_json(root, runfolder.EXPERIMENT, {
                 "config": cfg.to_dict(), "members": [{"name": n, "fold": m.fold, "seed": m.seed} for n, m in plan]})
         for i, (name, member) in enumerate(plan, 1):
@@ -76,8 +82,74 @@ def run_experiment(cfg: Config, train_run: Callable[[Config], Path]) -> Path:
                      cfg.folds, member.seed)
             train_run(member)
         if main:
+            refuse_incomplete_members(root, plan)
             pool(root, plan)
     return root
+
+
+def note_extension(root: Path, cfg: Config) -> None:
+    """Say what a re-run of a finished experiment with other ``epochs`` extends (pooled.json, and each
+    member's results, stay in place until the new ones are written)."""
+    if not (root / runfolder.POOLED).is_file() or not runfolder.is_pooled(root):
+        return
+    old = runfolder.read_json(root / runfolder.EXPERIMENT).get("config", {}).get("epochs")
+    if old is not None and old != cfg.epochs:
+        log.info("extending the finished experiment %s from %s to %d epochs per member (%d trainings); its "
+                 "%s-epoch pooled results stay in place until every member is extended", root, old, cfg.epochs,
+                 cfg.folds * cfg.seeds, old)
+
+
+def refuse_incomplete_members(root: Path, plan: list[tuple[str, Config]]) -> None:
+    """Pooled files come only from complete members: every contract file present and loading."""
+    for name, _ in plan:
+        problems = runfolder.contract_problems(root / name)
+        if problems:
+            file, why = next(iter(problems.items()))
+            raise runfolder.RunError(f"{root / name / file}: {why}; the pooled files are not written from an "
+                                     f"incomplete member: re-run the same command to finish it")
+
+
+def refuse_useless_folds(cfg: Config) -> None:
+    """folds=K pays K trainings for an unseen-speaker answer: refuse before the first one when some fold
+    would hold out no speaker, naming the corpus sizes and a setting that would work."""
+    if cfg.folds == 1:
+        return
+    try:
+        table = speakers_of(manifest_path(cfg))
+    except (OSError, ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return  # an unreadable manifest is reported, row by row, by the manifest check that follows
+    held = Counter(unseen_folds(table, cfg).values())
+    empty = [k for k in range(cfg.folds) if not held[k]]
+    if not empty:
+        return
+    stratum = "birthplace" if "birthplace" in table.columns else None
+    sizes = table.groupby(stratum).size().sort_values(ascending=False) if stratum else \
+        pd.Series({"(whole corpus)": len(table)})
+    shown = ", ".join(f"{name} {n}" for name, n in sizes.head(8).items()) + (
+        f" and {len(sizes) - 8} more" if len(sizes) > 8 else "")
+    corpus = f"{len(table)} speakers in {len(sizes)} {stratum or 'corpus'} class(es): {shown}"
+    need = max(cfg.unseen_min_speakers, 2)
+    if cfg.unseen_per_class <= 0:
+        fix = "unseen_per_class=0 holds out no speaker; set it to 1"
+    elif not held:
+        fix = (f"no class has the {need} speakers unseen_min_speakers={cfg.unseen_min_speakers} asks for, so no "
+               f"fold can hold out a speaker; " + (
+                   f"set unseen_min_speakers={int(sizes.max())}" if sizes.max() >= 2 else
+                   "every class has one speaker: use folds=1 (seeds=N repeats the run over seeds)"))
+    else:
+        fix = (f"only {sum(held.values())} speakers can be held out, so fold(s) {', '.join(map(str, empty))} "
+               f"would hold out none; use folds={sum(held.values())} or fewer")
+    raise ConfigError(f"parameter 'folds': {cfg.folds} folds would train runs without an unseen-speaker result: "
+                      f"{corpus}; {fix}")
+
+
+def speakers_of(manifest: Path) -> pd.DataFrame:
+    """One row per speaker (speaker, birthplace if present, sex) read straight from the manifest CSV."""
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    frame.columns = [c.strip() for c in frame.columns]
+    columns = ["speaker", "sex"] + (["birthplace"] if "birthplace" in frame.columns else [])
+    frame = frame[columns].apply(lambda c: c.str.strip())
+    return frame[frame["speaker"] != ""].drop_duplicates("speaker").reset_index(drop=True)
 
 
 def refuse_fixed_splits(cfg: Config) -> None:

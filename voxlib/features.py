@@ -124,9 +124,6 @@ def spectrogram_batch(waves: Sequence[np.ndarray | torch.Tensor], cfg: Config) -
     """
     n_fft, hop = cfg.n_fft, cfg.hop_length
     pad = n_fft // 2
-    window = _window(n_fft)
-    ref = float(window.sum()) / 2
-    bank = mel_filterbank(cfg.sample_rate, n_fft) if cfg.feature == "mel" else None
     pieces: list[tuple[int, torch.Tensor, int]] = []  # (wave index, samples, frames)
     for i, wave in enumerate(waves):
         wave = torch.as_tensor(wave, dtype=torch.float32).reshape(-1)
@@ -151,17 +148,45 @@ def spectrogram_batch(waves: Sequence[np.ndarray | torch.Tensor], cfg: Config) -
             batch = torch.zeros(len(group), max(p[1].numel() for p in group))
             for row, (_, samples, _) in enumerate(group):
                 batch[row, : samples.numel()] = samples
-        spec = torch.stft(batch, n_fft, hop_length=hop, win_length=n_fft, window=window, center=False,
-                          return_complex=True)
-        squares = torch.view_as_real(spec).square()  # |X|^2 as re^2 + im^2: complex abs() is ~4x slower on CPU
-        power = squares[..., 0] + squares[..., 1]
-        if bank is not None:
-            power = torch.matmul(bank, power)
-        power = _scale(power, cfg, ref)
+        power = _transform(batch, cfg)
         for row, (i, _, frames) in enumerate(group):
             parts[i].append(power[row, :, :frames])
         start = stop
     return [p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in parts]
+
+
+def _transform(batch: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Steps 1-4 on rows of samples already padded (center=False): ``(rows, n_bins, frames)``."""
+    window = _window(cfg.n_fft)
+    spec = torch.stft(batch, cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.n_fft, window=window,
+                      center=False, return_complex=True)
+    squares = torch.view_as_real(spec).square()  # |X|^2 as re^2 + im^2: complex abs() is ~4x slower on CPU
+    power = squares[..., 0] + squares[..., 1]
+    if cfg.feature == "mel":
+        power = torch.matmul(mel_filterbank(cfg.sample_rate, cfg.n_fft), power)
+    return _scale(power, cfg, float(window.sum()) / 2)
+
+
+def _padded_index(first: int, frames: int, samples: int, cfg: Config) -> np.ndarray:
+    """The wave sample each padded sample of frames ``first .. first+frames-1`` is (reflect padding)."""
+    index = np.arange(first * cfg.hop_length, (first + frames - 1) * cfg.hop_length + cfg.n_fft) - cfg.n_fft // 2
+    index = np.where(index < 0, -index, index)
+    return np.where(index >= samples, 2 * (samples - 1) - index, index)
+
+
+def crop_samples(first: int, frames: int, samples: int, cfg: Config) -> tuple[int, int]:
+    """The samples ``[lo, hi)`` of a ``samples``-long wave that frames ``first .. first+frames-1`` of
+    :func:`spectrogram` read, the reflected ones at either end included."""
+    index = _padded_index(first, frames, samples, cfg)
+    return int(index.min()), int(index.max()) + 1
+
+
+def spectrogram_crop(window: np.ndarray, lo: int, first: int, frames: int, samples: int, cfg: Config
+                     ) -> torch.Tensor:
+    """Frames ``first .. first+frames-1`` of ``spectrogram(wave, cfg)[0]`` from ``window = wave[lo:hi]``
+    alone (``crop_samples``): ``(n_bins, frames)``, the same values, without the rest of the wave."""
+    piece = torch.from_numpy(np.ascontiguousarray(window[_padded_index(first, frames, samples, cfg) - lo]))
+    return _transform(piece[None], cfg)[0]
 
 
 def spectrogram(wave: np.ndarray | torch.Tensor, cfg: Config) -> torch.Tensor:

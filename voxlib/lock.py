@@ -8,6 +8,7 @@ the place instead of waiting or corrupting it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -17,6 +18,15 @@ from pathlib import Path
 from typing import Iterator
 
 import filelock
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; held() falls back to the holder note
+    fcntl = None
+
+# A writer waits this long for the lock before it is refused: a reader's held() probe takes the lock
+# for a few microseconds, and that must never turn a writer away.
+PROBE_GRACE_S = 0.2
 
 
 class LockedError(RuntimeError):
@@ -44,7 +54,7 @@ def exclusive_lock(lock_path: str | Path, what: str, wait_s: float = 0.0) -> Ite
     ``what`` names the place in the error, e.g. "run folder outputs/runs/x".
     """
     lock_path = Path(lock_path)
-    lock = filelock.FileLock(lock_path, timeout=wait_s)
+    lock = filelock.FileLock(lock_path, timeout=max(wait_s, PROBE_GRACE_S))
     try:
         lock.acquire()
     except filelock.Timeout:
@@ -60,3 +70,33 @@ def exclusive_lock(lock_path: str | Path, what: str, wait_s: float = 0.0) -> Ite
         with contextlib.suppress(OSError):
             note.unlink()
         lock.release()
+
+
+def held(lock_path: str | Path) -> dict | None:
+    """The holder note (``{}`` when it names no one) if a process holds ``lock_path`` now, else None.
+
+    Asks the OS with a shared, non-blocking flock that is dropped at once, so it never waits, never
+    creates the lock file and never blocks a writer (which waits ``PROBE_GRACE_S`` for a probe).
+    A lock held by this very process through another descriptor counts as held: a folder being
+    written is being written, whoever asks.
+    """
+    lock_path = Path(lock_path)
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return holder_note(lock_path) or None
+    try:
+        if fcntl is None:
+            return holder_note(lock_path) or None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return holder_note(lock_path)
+            return holder_note(lock_path) or None  # no flock on this filesystem: trust the note
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

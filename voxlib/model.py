@@ -13,6 +13,7 @@ and lives in ``adversary.py``; :func:`model_options` maps a run's settings to th
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from torch import nn
 
 from voxlib import runfolder
 from voxlib.checkpoint import CheckpointError, load_checkpoint
+
+log = logging.getLogger("voxlib.model")
 
 INPUT_SIZE = 256
 N_BLOCKS = 6
@@ -191,9 +194,9 @@ class Discriminator(nn.Module):
                                                               else channels[i - 1], channels[i])])
 
     @classmethod
-    def from_run(cls, run_dir, checkpoint: str = "best") -> "Discriminator":
-        """The trained discriminator of a run folder, e.g. to initialise a StarGAN discriminator."""
-        return load_discriminator(run_dir, checkpoint)[0]
+    def from_run(cls, run_dir, checkpoint: str = "best", allow_unfinished: bool = False) -> "Discriminator":
+        """The trained discriminator of a finished run folder, e.g. to initialise a StarGAN discriminator."""
+        return load_discriminator(run_dir, checkpoint, allow_unfinished)[0]
 
     @property
     def accent_features_dim(self) -> int:
@@ -289,23 +292,43 @@ def count_flops(model: Discriminator, batch: int = 1, training: bool = False) ->
     return 3 * flops if training else flops
 
 
-def load_discriminator(run_dir, checkpoint: str = "best") -> tuple[Discriminator, dict]:
-    """The trained discriminator of a run folder (eval mode, CPU) and its checkpoint's record.
+def load_discriminator(run_dir, checkpoint: str = "best", allow_unfinished: bool = False
+                       ) -> tuple[Discriminator, dict]:
+    """The trained discriminator of a finished run folder (eval mode, CPU) and its checkpoint's record.
 
     Needs only the folder: labels.json gives the heads and their class order, the checkpoint the
     width and the weights. ``checkpoint`` is "best", "last" or a path to a .pt file. The record
-    holds ``epoch``, ``precision`` and the ``settings`` that produced the weights.
+    holds ``epoch``, ``precision`` and the ``settings`` that produced the weights. An unfinished run
+    is refused (runfolder.require_finished) unless ``allow_unfinished``; then "best" means the latest
+    checkpoint, last.pt: the weights as training holds them now, which best.pt may not yet reflect.
     """
     run_dir = Path(run_dir)
+    if runfolder.is_pooled(run_dir):
+        names = [p.name for p in runfolder.pooled_members(run_dir)]
+        raise runfolder.RunError(
+            f"{run_dir}: a pooled folder holds one discriminator per member ({', '.join(names)}); load one, "
+            f"e.g. {run_dir / names[0]} (voxlib.predict.Classifier.from_run uses them all as an ensemble)")
+    unfinished = runfolder.require_finished(run_dir, allow_unfinished)
+    if unfinished and checkpoint == "best":
+        checkpoint = "last"
     path = Path(checkpoint) if checkpoint not in ("best", "last") else \
         run_dir / runfolder.CHECKPOINTS / (runfolder.BEST if checkpoint == "best" else runfolder.LAST)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found (is {run_dir} a finished vox run?)")
+        if unfinished:
+            raise CheckpointError(f"{path}: no checkpoint yet: the unfinished run {run_dir} has not saved an epoch")
+        raise CheckpointError(f"{path}: checkpoint missing from the finished run {run_dir} (moved or deleted?)")
     labels = runfolder.read_labels(run_dir)
     state = load_checkpoint(path)
     sizes = {h: len(c) for h, c in labels.items()}
     if state.get("head_sizes") != sizes:
         raise CheckpointError(f"{path} has heads {state.get('head_sizes')}, {run_dir / runfolder.LABELS} {sizes}")
+    best_epoch = runfolder.read_json(run_dir / runfolder.SUMMARY).get("best_epoch") \
+        if checkpoint == "best" and (run_dir / runfolder.SUMMARY).is_file() else None
+    if isinstance(best_epoch, int) and state.get("epoch") != best_epoch:
+        raise CheckpointError(f"{path} holds epoch {state.get('epoch')}, but {run_dir / runfolder.SUMMARY} says the "
+                              f"run's best epoch is {best_epoch}: the checkpoint was replaced after the run finished")
+    if unfinished:
+        log.warning("%s: using epoch %s of an unfinished run", path, state.get("epoch"))
     settings = {**(state.get("settings") or {}), "width": state["width"]}
     net = Discriminator(sizes, **model_options(settings))
     net.load_state_dict(state["model"])
@@ -313,4 +336,3 @@ def load_discriminator(run_dir, checkpoint: str = "best") -> tuple[Discriminator
     record = {k: state.get(k) for k in ("epoch", "precision", "settings", "width", "voxlib_version")}
     record["path"] = str(path)
     return net, record
-

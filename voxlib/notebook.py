@@ -17,7 +17,7 @@ from IPython.display import Markdown, display
 from voxlib.config import Config, ConfigError, project_root
 from voxlib.corpora.source import default_run_dir
 from voxlib.progress import send_to_report
-from voxlib.runfolder import POOLED, PREDICTIONS
+from voxlib.runfolder import RunError, require_finished
 from voxlib.text import markdown
 
 PATH_FIELDS = ("manifest", "run_dir", "compare_run_dir", "cache_dir")  # str fields naming files/folders
@@ -38,12 +38,13 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
     return dataclasses.replace(cfg, **changes)
 
 
-def prepare(cfg: Config, need: str = "manifest") -> Config:
+def prepare(cfg: Config, need: str = "manifest", allow_unfinished: bool = False) -> Config:
     """Check what a notebook needs before any slow cell runs; return the Config with paths resolved.
 
     ``need="manifest"``: the manifest must exist; "" builds the demo corpus first (slow once).
     ``need="run"``: the run folder (and ``compare_run_dir`` if given) must hold a finished run, or a
-    finished pooled folder (folds or seeds) for ``run_dir``.
+    finished pooled folder (folds or seeds) for ``run_dir``: finished as runfolder.require_finished
+    decides for every reader; ``allow_unfinished`` reads an unfinished one as it is, with a warning.
     """
     warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
     send_to_report()  # training's log lines to the terminal of `python -m voxlib.report` too
@@ -60,12 +61,13 @@ def prepare(cfg: Config, need: str = "manifest") -> Config:
             cfg = dataclasses.replace(cfg, run_dir=str(default_run_dir(cfg)))
         for name in ("run_dir", "compare_run_dir"):
             folder = getattr(cfg, name)
-            pooled = name == "run_dir" and (Path(folder) / POOLED).is_file()
-            if folder and not ((Path(folder) / PREDICTIONS).is_file() or pooled):
-                raise ConfigError(
-                    f"parameter {name!r}: {folder} holds no finished run (no predictions.csv); "
-                    "train first (notebook 02 or python -m voxlib.train)"
-                )
+            if not folder:
+                continue
+            try:
+                require_finished(Path(folder), allow_unfinished)
+            except RunError as err:
+                hint = "; train first (notebook 02 or python -m voxlib.train)" if not Path(folder).exists() else ""
+                raise ConfigError(f"parameter {name!r}: {err}{hint}") from None
     else:
         raise ValueError(f"need must be 'manifest' or 'run', got {need!r}")
     return cfg

@@ -12,6 +12,14 @@ at once with the holder's PID, host and start time.
 
 Every file is replaced atomically (temp file, fsync, rename), and CSV text fields are always quoted,
 so labels and paths with commas, quotes, newlines or carriage returns read back unchanged.
+
+Finished. A run folder is usable (by predict, evaluate, the notebooks, the model loader) only when
+it is finished, decided here alone (:func:`unfinished_reason`): no process holds its writer lock,
+``summary.json`` is there, and the summary describes the epochs metrics.csv holds (an extension of a
+finished run that stopped half-way leaves the old summary beside newer checkpoints). "Complete", the
+check training and the fold runner make before saying "nothing to do" or pooling, is stronger
+(:func:`contract_problems`): every file the contract lists is present and loads, checkpoints
+included. A missing folder, an unfinished run and a damaged file are three different messages.
 """
 from __future__ import annotations
 
@@ -19,6 +27,8 @@ import contextlib
 import csv
 import io
 import json
+import logging
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +38,9 @@ import numpy as np
 import pandas as pd
 
 from voxlib.fileio import write_atomic
-from voxlib.lock import exclusive_lock
+from voxlib.lock import describe_holder, exclusive_lock, held
+
+log = logging.getLogger("voxlib.runfolder")
 
 # --- names --------------------------------------------------------------------------------------------
 CONFIG = "config.json"
@@ -48,6 +60,12 @@ EVALS = "evals"
 MARKER = ".vox-run"
 LOCK = ".vox-run.lock"
 REQUIRED_FILES = (CONFIG, LABELS, SPLITS_FILE, METRICS, PREDICTIONS)
+CHECKPOINT_FILES = (f"{CHECKPOINTS}/{BEST}", f"{CHECKPOINTS}/{LAST}")
+# everything a finished training run holds; each must be present and load ("complete")
+RUN_CONTRACT = REQUIRED_FILES + (EMBEDDINGS, SUMMARY) + CHECKPOINT_FILES
+# contract files training cannot write again from its checkpoints: damage here needs a new training
+NOT_REBUILDABLE = (METRICS, *CHECKPOINT_FILES)
+ALLOW_UNFINISHED = "--allow-unfinished (allow_unfinished=True in Python)"
 # a pooled folder (folds > 1 or seeds > 1): member run folders inside, the pooled results beside them
 EXPERIMENT = "experiment.json"  # written first: the settings and the member folders
 MEMBER_SCORES = "member_scores.csv"  # one row per member, head and seen/unseen group
@@ -67,6 +85,10 @@ METRIC_COLUMNS = ("epoch", "split", "head", "metric", "value")
 
 class RunError(ValueError):
     """A run folder with a missing file or content that breaks the run-folder contract."""
+
+
+class UnfinishedRunError(RunError):
+    """A run (or pooled) folder that a process is still writing, or whose training stopped before its end."""
 
 
 class FolderError(RuntimeError):
@@ -254,11 +276,31 @@ class Run:
         return read_json(path) if path.is_file() else {}
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """Read and check a run folder; a problem names the file (and row) at fault."""
+def load_run(run_dir: str | Path, allow_unfinished: bool = False) -> Run:
+    """Read and check a finished run folder; a problem names the file (and row) at fault.
+
+    An unfinished one (being written, or stopped before its end) is refused with the reason, unless
+    ``allow_unfinished`` (then whatever files it has are read, with a warning).
+    """
     path = Path(run_dir)
-    if not path.is_dir():
-        raise RunError(f"{path}: run folder not found")
+    require_finished(path, allow_unfinished)
+    if is_pooled(path):
+        raise RunError(f"{path}: a pooled folder (folds or seeds); its members are the run folders "
+                       f"({', '.join(p.name for p in pooled_members(path))}): read it with load_pooled")
+    return _parse_run(path)
+
+
+def pooled_members(path: str | Path) -> list[Path]:
+    """The member run folders a pooled folder's experiment.json lists."""
+    return [Path(path) / m["name"] for m in read_json(Path(path) / EXPERIMENT)["members"]]
+
+
+def read_run(path: str | Path) -> Run:
+    """Read a run or evaluation folder without the finished check: only for the process writing it."""
+    return _parse_run(Path(path))
+
+
+def _parse_run(path: Path) -> Run:
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if missing:
         raise RunError(f"{path}: missing {', '.join(missing)} (a finished run folder has {', '.join(REQUIRED_FILES)})")
@@ -288,20 +330,23 @@ class Pooled:
     summary: dict  # pooled.json
     member_scores: pd.DataFrame
     predictions: pd.DataFrame  # pooled unseen-speaker rows (fold, seed, then predictions.csv's columns)
+    allow_unfinished: bool = False  # read as asked although unfinished: members are read the same way
 
     @property
     def members(self) -> list[Path]:
         return [self.path / m["name"] for m in self.experiment["members"]]
 
     def member(self, index: int = 0) -> Run:
-        return load_run(self.members[index])
+        return load_run(self.members[index], self.allow_unfinished)
 
 
-def load_pooled(path: str | Path) -> Pooled:
-    """Read a finished pooled folder; a missing or unfinished one names what is missing."""
+def load_pooled(path: str | Path, allow_unfinished: bool = False) -> Pooled:
+    """Read a finished pooled folder; a missing or unfinished one says which and why."""
     path = Path(path)
     if not is_pooled(path):
+        check_folder(path)
         raise RunError(f"{path}: not a pooled folder (no {EXPERIMENT}; folds and seeds were 1)")
+    require_finished(path, allow_unfinished)
     if not (path / POOLED).is_file():
         raise RunError(f"{path}: pooling not finished (no {POOLED}); re-run the same command to finish it")
     experiment = read_json(path / EXPERIMENT)
@@ -316,7 +361,233 @@ def load_pooled(path: str | Path) -> Pooled:
     for head in labels:
         if f"{head}_prob" in predictions.columns:
             predictions[f"{head}_prob"] = _as_numbers(predictions, f"{head}_prob", path / POOLED_PREDICTIONS, float)
-    return Pooled(path, experiment, read_json(path / POOLED), scores, predictions)
+    return Pooled(path, experiment, read_json(path / POOLED), scores, predictions, allow_unfinished)
+
+
+# --- finished and complete ----------------------------------------------------------------------------
+def check_folder(path: Path) -> None:
+    """A missing path, a file, or a folder training never wrote: each its own message (never "unfinished")."""
+    if not path.exists():
+        raise RunError(f"{path}: no such folder")
+    if not path.is_dir():
+        raise RunError(f"{path}: a file, not a run folder")
+    if not any((path / name).is_file() for name in (CONFIG, MARKER, EXPERIMENT)):
+        raise RunError(f"{path}: not a vox run folder (no {CONFIG}); give a folder that training wrote")
+
+
+def writer(path: Path) -> dict | None:
+    """The holder note of the process writing ``path`` now (``{}`` if it names no one), else None."""
+    return held(Path(path) / LOCK)
+
+
+def unfinished_reason(path: str | Path) -> str | None:
+    """Why the run, evaluation or pooled folder ``path`` is not finished, or None when it is.
+
+    The one definition of "finished" every reader uses: no writer holds the folder's lock, its last
+    file (summary.json; pooled.json for a pooled folder) is there, and what that file describes is
+    what the folder holds now.
+    """
+    path = Path(path)
+    holder = writer(path)
+    if holder is not None:
+        return f"it is being written by {describe_holder(holder)}"
+    if is_pooled(path):
+        return _pooled_unfinished_reason(path)
+    summary_path = path / SUMMARY
+    trained, epochs = _metric_epochs(path), _config_epochs(path)
+    if not summary_path.is_file():
+        where = f"after epoch {trained} of {epochs}" if trained else "before its first epoch was saved"
+        return (f"it has no {SUMMARY}: its training stopped {where}; re-run the same training command to "
+                f"finish it")
+    try:
+        summary = read_json(summary_path)
+    except RunError:
+        return None  # damage, not an unfinished run: the contract check names the file
+    said = summary.get("epochs_trained") if isinstance(summary, dict) else None
+    if isinstance(said, int) and trained is not None and trained != said:
+        if trained > said:
+            return (f"an extension from {said} to {epochs} epochs stopped after epoch {trained}: {SUMMARY} and "
+                    f"{PREDICTIONS} still describe the {said}-epoch run, the checkpoints have moved on; re-run "
+                    f"the same training command to finish the extension")
+        return (f"its training was restarted and stopped after epoch {trained}, while {SUMMARY} describes "
+                f"{said} epochs; re-run the same training command to finish it")
+    return None
+
+
+def require_finished(path: str | Path, allow_unfinished: bool = False) -> str | None:
+    """Refuse an unfinished folder (:class:`UnfinishedRunError`, one line naming why); with
+    ``allow_unfinished`` return the reason instead (None when finished) after a warning."""
+    path = Path(path)
+    check_folder(path)
+    reason = unfinished_reason(path)
+    if reason is None:
+        return None
+    if not allow_unfinished:
+        raise UnfinishedRunError(f"{path}: unfinished run: {reason}; or pass {ALLOW_UNFINISHED} to use "
+                                 f"its latest checkpoint")
+    log.warning("%s: unfinished run (%s); used as it is now, as asked", path, reason)
+    return reason
+
+
+def _metric_epochs(path: Path) -> int | None:
+    """The last epoch metrics.csv holds (None without a readable one)."""
+    try:
+        epochs = pd.to_numeric(pd.read_csv(path / METRICS, usecols=["epoch"])["epoch"], errors="coerce")
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return None
+    return int(epochs.max()) if len(epochs) and np.isfinite(epochs.max()) else 0
+
+
+def _config_epochs(path: Path):
+    try:
+        return read_json(path / CONFIG).get("epochs", "?")
+    except (RunError, AttributeError):
+        return "?"
+
+
+def _pooled_unfinished_reason(path: Path) -> str | None:
+    try:
+        experiment = read_json(path / EXPERIMENT)
+        epochs = experiment["config"]["epochs"]
+        names = [m["name"] for m in experiment["members"]]
+    except (RunError, KeyError, TypeError) as err:
+        return f"{EXPERIMENT} is unreadable ({err})"
+    if not (path / POOLED).is_file():
+        return f"its members are not all trained and pooled (no {POOLED}); re-run the same command to finish it"
+    for name in names:
+        member = path / name
+        if not member.is_dir():
+            return f"member {name} is missing"
+        reason = unfinished_reason(member)
+        if reason:
+            return f"member {name}: {reason}"
+        try:
+            member_epochs = read_json(member / SUMMARY).get("epochs")
+        except (RunError, AttributeError):
+            continue
+        if member_epochs != epochs:
+            return (f"an extension to {epochs} epochs per member is not finished ({name} has {member_epochs}); "
+                    f"{POOLED} still holds the earlier results; re-run the same command to finish it")
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a loadable checkpoint file, judged from its structure (no torch), or None.
+
+    torch.save writes a zip archive; a file that is not one (random bytes, text), whose central
+    directory is gone (truncated) or whose members fail their CRC is damaged. The old pre-zip torch
+    format (pickle protocol 2 with torch's magic number) is accepted as it is.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size == 0:
+        return "damaged (empty file, 0 bytes)"
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] == b"\x80\x02":  # the legacy torch format (pickle protocol 2): loading will tell
+        return None
+    if head != b"PK\x03\x04":
+        return f"damaged (not a PyTorch checkpoint: {size} bytes starting {head!r}, not a zip archive)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist()):
+                return "damaged (a zip archive without the data.pkl of a PyTorch checkpoint)"
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"damaged (truncated or corrupt zip archive: {err})"
+    if bad is not None:
+        return f"damaged (member {bad} fails its CRC check)"
+    return None
+
+
+def contract_problems(path: str | Path) -> dict[str, str]:
+    """{file name: what is wrong} for every file of the run-folder contract (RUN_CONTRACT) that is
+    missing or does not load; empty when the run folder is complete."""
+    path = Path(path)
+    problems: dict[str, str] = {}
+    for name in RUN_CONTRACT:
+        if not (path / name).is_file():
+            problems[name] = "missing"
+    for name in CHECKPOINT_FILES:
+        if name not in problems:
+            why = checkpoint_problem(path / name)
+            if why:
+                problems[name] = why
+    readers = {CONFIG: lambda: read_json(path / CONFIG), LABELS: lambda: read_labels(path),
+               SUMMARY: lambda: read_json(path / SUMMARY)}
+    for name, read in readers.items():
+        if name not in problems:
+            try:
+                read()
+            except RunError as err:
+                problems[name] = _without_path(err, path / name)
+    if not problems.keys() & {CONFIG, LABELS, SPLITS_FILE, METRICS, PREDICTIONS}:
+        try:
+            run = _parse_run(path)
+        except RunError as err:
+            named = next((n for n in RUN_CONTRACT if str(err).startswith(str(path / n))), PREDICTIONS)
+            problems[named] = _without_path(err, path / named)
+        else:
+            if EMBEDDINGS not in problems:
+                try:
+                    run.embeddings
+                except RunError as err:
+                    problems[EMBEDDINGS] = _without_path(err, path / EMBEDDINGS)
+    return problems
+
+
+def _without_path(err: Exception, path: Path) -> str:
+    text = str(err)
+    return text[len(str(path)) + 2:] if text.startswith(f"{path}: ") else text
+
+
+def is_complete(run_dir: str | Path, epochs: int, trained: int, best_epoch: int | None) -> bool:
+    """Training's "complete; nothing to do": summary.json says ``epochs`` with ``trained`` trained, and
+    every contract file is present and loads.
+
+    A file training writes again from its checkpoints (predictions, embeddings, summary, config,
+    labels, splits) that is missing or damaged makes the run incomplete, so training writes it again.
+    A best.pt lost at the last epoch is last.pt's twin and is restored from it. metrics.csv or a
+    checkpoint that cannot be rebuilt is refused, naming the file.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / SUMMARY).is_file():
+        return False
+    try:
+        done = read_json(run_dir / SUMMARY)
+    except RunError as err:
+        log.warning("%s; written again from the checkpoints", err)
+        return False
+    if not isinstance(done, dict) or done.get("epochs") != epochs or done.get("epochs_trained") != trained:
+        return False
+    problems = contract_problems(run_dir)
+    best = f"{CHECKPOINTS}/{BEST}"
+    if best in problems and best_epoch == trained and f"{CHECKPOINTS}/{LAST}" not in problems:
+        log.warning("%s: %s; its best epoch is the last one, so it is restored from %s", run_dir / best,
+                    problems.pop(best), LAST)
+        write_atomic(run_dir / best, (run_dir / CHECKPOINTS / LAST).read_bytes())
+    fatal = [name for name in NOT_REBUILDABLE if name in problems]
+    if fatal:
+        name = fatal[0]
+        raise RunError(f"{run_dir / name}: {problems[name]}; it cannot be rebuilt without training again: move "
+                       f"{run_dir} away (or delete it) and re-run the same command to train it anew")
+    for name, why in problems.items():
+        log.warning("%s: %s; written again from the checkpoints", run_dir / name, why)
+    return not problems
+
+
+def resume_note(run_dir: str | Path, epochs: int, trained: int) -> str:
+    """The log line of a resumed run; an extension of a finished run says what it extends."""
+    try:
+        done = read_json(Path(run_dir) / SUMMARY)
+    except RunError:
+        done = None
+    if isinstance(done, dict) and done.get("epochs_trained") == trained and done.get("epochs") != epochs:
+        return (f"extending finished run {run_dir} from {done.get('epochs')} to {epochs} epochs (it trained "
+                f"{trained}); its {trained}-epoch results stay in place until the new ones are written")
+    return f"resuming {run_dir} after epoch {trained}"
 
 
 def read_json(path: Path):
@@ -383,13 +654,16 @@ def read_predictions(path: Path, labels: dict[str, list[str]]) -> pd.DataFrame:
 def _read_embeddings(path: Path, splits: pd.DataFrame) -> Embeddings:
     if not path.is_file():
         raise RunError(f"{path}: missing (trunk features are needed for projections and probes)")
-    with np.load(path, allow_pickle=False) as data:
-        missing = [k for k in ("features", "row", "split") if k not in data.files]
-        if missing:
-            raise RunError(f"{path}: missing array(s) {missing}")
-        features = data["features"].astype(np.float32)
-        row = data["row"].astype(np.int64)
-        split = data["split"].astype(str)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("features", "row", "split") if k not in data.files]
+            if missing:
+                raise RunError(f"{path}: missing array(s) {missing}")
+            features = data["features"].astype(np.float32)
+            row = data["row"].astype(np.int64)
+            split = data["split"].astype(str)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
+        raise RunError(f"{path}: damaged ({err})") from err
     if features.ndim != 2 or not (len(features) == len(row) == len(split)):
         raise RunError(f"{path}: expected features (N, D), row (N,), split (N,); got "
                        f"{features.shape}, {row.shape}, {split.shape}")

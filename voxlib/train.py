@@ -111,7 +111,7 @@ def run_training(cfg: Config, env: Dist) -> Path:
             if progress["epoch"] > cfg.epochs:
                 raise TrainingError(f"{run_dir} already holds {progress['epoch']} epochs; --epochs {cfg.epochs} "
                                     f"would go back (raise --epochs to train on, or use a new --run-dir)")
-        if record.is_complete(run_dir, cfg, progress):
+        if runfolder.is_complete(run_dir, cfg.epochs, progress["epoch"], (progress["best"] or {}).get("epoch")):
             log.info("%s is complete (%d epochs); nothing to do", run_dir, progress["epoch"])
             return run_dir
         if env.main:
@@ -130,10 +130,11 @@ def run_training(cfg: Config, env: Dist) -> Path:
 
 
 def start_writing(run_dir: Path, cfg: Config, data: RunData, choice: dict, resumed_after: int) -> None:
-    """Mark the folder incomplete and (re)write its records before the first epoch of this launch."""
+    """(Re)write the run's records before the first epoch of this launch. The earlier results of a run
+    whose ``epochs`` is raised stay until the new ones replace them (the run reads as unfinished
+    meanwhile: its summary no longer describes metrics.csv)."""
     if resumed_after:
-        log.info("resuming %s after epoch %d", run_dir, resumed_after)
-    (run_dir / runfolder.SUMMARY).unlink(missing_ok=True)  # no longer complete
+        log.info("%s", runfolder.resume_note(run_dir, cfg.epochs, resumed_after))
     record.write_run_files(run_dir, cfg, data, choice)
     runfolder.write_metrics(run_dir, [], keep_until=resumed_after)
     for stale in (run_dir / runfolder.CHECKPOINTS).glob(".*.tmp*"):  # left by a crash mid-save

@@ -33,7 +33,7 @@ import pandas as pd
 import soundfile as sf
 from tqdm import tqdm
 
-from voxlib.audio import load_audio, segment_frames
+from voxlib.audio import SILENCE_PEAK, load_audio, nonfinite_reason, segment_frames, silent_reason, too_short_reason
 from voxlib.config import outputs_dir
 from voxlib.fileio import UnreadableFile, file_kind, read_regular
 from voxlib.signals import process_pool
@@ -49,8 +49,6 @@ SEX_TOKENS = {
     "f": "female", "female": "female", "woman": "female", "女": "female", "女性": "female",
     "m": "male", "male": "male", "man": "male", "男": "male", "男性": "male",
 }
-# A clip whose peak stays below -80 dBFS is all zeros after the default top_db=80 scaling.
-SILENCE_PEAK = 1e-4
 # Tolerance for a segment end slightly past the file end (rounding in annotation tools).
 END_TOLERANCE_S = 0.01
 VALIDATION_VERSION = 1
@@ -247,10 +245,7 @@ def _probe(path: str, start: float, end: float, sample_rate: int, n_fft: int) ->
     result["duration"] = (s1 - s0) / info.samplerate
     at_rate = (s1 - s0) * sample_rate / info.samplerate
     if at_rate < n_fft:
-        return bad(
-            f"too short: {result['duration'] * 1000:.1f} ms = {at_rate:.0f} samples at {sample_rate} Hz, "
-            f"less than one STFT frame ({n_fft} samples)"
-        )
+        return bad(too_short_reason(result["duration"], at_rate, sample_rate, n_fft))
     peak, nonfinite, decoded = 0.0, 0, 0
     try:
         with sf.SoundFile(path) as fh:
@@ -270,10 +265,9 @@ def _probe(path: str, start: float, end: float, sample_rate: int, n_fft: int) ->
     if decoded < s1 - s0:
         return bad(f"truncated: the header promises {s1 - s0} samples, only {decoded} could be decoded")
     if nonfinite:
-        return bad(f"{nonfinite} NaN/inf samples")
+        return bad(nonfinite_reason(nonfinite))
     if peak < SILENCE_PEAK:
-        level = "-inf" if peak == 0 else f"{20 * math.log10(peak):.0f}"
-        return bad(f"silent (peak {level} dBFS)")
+        return bad(silent_reason(peak))
     return result
 
 
