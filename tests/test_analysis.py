@@ -22,7 +22,7 @@ from voxlib.analysis import (
     seen_unseen,
     small_classes,
 )
-from voxlib.evaluate import RunError, load_run
+from voxlib.runfolder import RunError, load_run
 from voxlib.text import percent
 from voxlib.verdict import PROBE_MARGIN, birthplace_report, compare_runs, verdict
 

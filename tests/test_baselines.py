@@ -11,7 +11,7 @@ from voxlib.baselines import mfcc_statistics, reference_baselines
 from voxlib.config import Config
 from voxlib.corpora.manifest import read_manifest
 from voxlib.data import build_vocabularies, make_splits
-from voxlib.evaluate import Run
+from voxlib.runfolder import Run
 
 
 @pytest.fixture(scope="module")

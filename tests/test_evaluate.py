@@ -15,18 +15,16 @@ from matplotlib.figure import Figure  # noqa: E402
 from run_folder_factory import make_run_folder  # noqa: E402
 
 from voxlib import analysis, plots, verdict  # noqa: E402
-from voxlib.evaluate import (  # noqa: E402
-    HELD_OUT_SPLITS,
-    RunError,
+from voxlib.evaluate import (
     accuracy_table,
     class_sizes,
     confusion,
     learning_curves,
-    load_run,
     per_class_metrics,
     scored,
     top_k_accuracy,
 )
+from voxlib.runfolder import HELD_OUT_SPLITS, RunError, load_run
 
 
 def _edit_predictions(run_dir, mask_fn, column, value):

@@ -180,7 +180,7 @@ def test_seen_accuracy_over_seeds_is_the_mean_with_its_spread(tmp_path):
 
 def test_reference_baselines_pool_every_fold_on_its_own_split(pooled):
     from voxlib.baselines import pooled_reference_baselines, reference_baselines
-    from voxlib.evaluate import load_run
+    from voxlib.runfolder import load_run
 
     runs = [load_run(pooled / f"fold{k}") for k in range(FOLDS)]
     table = pooled_reference_baselines(runs, encoder=False).table.set_index(["representation", "head", "split"])

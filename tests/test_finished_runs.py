@@ -2,7 +2,7 @@
 
 "Finished" is decided in one place (runfolder.unfinished_reason): no process holds the writer lock,
 summary.json is there, and it describes the epochs metrics.csv holds. Each reader (predict's
-Classifier and command line, evaluate.load_run, load_pooled, the model loader, the notebooks'
+Classifier and command line, runfolder.load_run, load_pooled, the model loader, the notebooks'
 prepare) is tried on each kind of unfinished run, and each takes ``allow_unfinished`` to use the
 latest checkpoint. A missing folder, a folder that is not a run, and an unfinished run read
 differently.
@@ -25,7 +25,7 @@ import pytest
 
 from conftest import copy_run
 from run_folder_factory import make_run_folder
-from voxlib import evaluate, lock, report, runfolder
+from voxlib import index_page, lock, runfolder
 from voxlib.config import Config, ConfigError
 from voxlib.model import Discriminator, load_discriminator
 from voxlib.notebook import prepare
@@ -40,7 +40,7 @@ def readers(folder: Path, allow_unfinished: bool = False) -> dict:
     return {
         "Classifier.from_run": lambda: Classifier.from_run(folder, allow_unfinished=allow_unfinished),
         "Discriminator.from_run": lambda: Discriminator.from_run(folder, allow_unfinished=allow_unfinished),
-        "evaluate.load_run": lambda: evaluate.load_run(folder, allow_unfinished=allow_unfinished),
+        "runfolder.load_run": lambda: runfolder.load_run(folder, allow_unfinished=allow_unfinished),
         "notebook prepare": lambda: prepare(Config(run_dir=str(folder)), need="run", allow_unfinished=allow_unfinished),
     }
 
@@ -83,7 +83,7 @@ def test_a_run_killed_before_its_summary_is_refused_naming_the_epoch(trained_run
     (run / runfolder.SUMMARY).unlink()
     refused_everywhere(run, r"no summary\.json: its training stopped after epoch 1 of 1")
     assert Classifier.from_run(run, allow_unfinished=True).checkpoint["epoch"] == 1
-    assert len(evaluate.load_run(run, allow_unfinished=True).predictions)
+    assert len(runfolder.load_run(run, allow_unfinished=True).predictions)
 
 
 def test_a_run_stopped_before_its_first_epoch_has_no_checkpoint_to_allow(trained_run, tmp_path):
@@ -229,7 +229,7 @@ def test_predict_on_a_run_while_it_trains_and_after_it_is_killed(tiny_corpus, tm
 def test_the_reports_headline_says_the_run_is_unfinished(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
     (run / runfolder.SUMMARY).unlink()
-    page = report.headline_html(report.Report(run, run / "reports" / "index.html", []))
+    page = index_page.headline_html(index_page.Report(run, run / "reports" / "index.html", []))
     assert "cannot read the run" in page and "unfinished run: it has no summary.json" in page
 
 

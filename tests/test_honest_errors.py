@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import voxlib.record as record
 from conftest import LogLines, copy_run
-from voxlib import evaluate, runfolder
+from voxlib import runfolder
 from voxlib.checkpoint import CheckpointError, load_checkpoint
 from voxlib.cli import describe_error
 from voxlib.config import Config, ConfigError
@@ -217,7 +217,7 @@ def test_raising_epochs_says_what_it_extends_and_keeps_the_earlier_results(train
         if (point, detail) == ("write", runfolder.PREDICTIONS):  # epoch 2 is trained and checkpointed
             seen["unchanged"] = all((run / n).read_bytes() == b for n, b in kept.items())
             with pytest.raises(runfolder.UnfinishedRunError, match="it is being written by PID"):
-                evaluate.load_run(run)
+                runfolder.load_run(run)
             raise KeyboardInterrupt("stopped before the new predictions")
 
     record.FAULT_HOOKS.append(stop_before_outputs)
@@ -235,4 +235,4 @@ def test_raising_epochs_says_what_it_extends_and_keeps_the_earlier_results(train
     train(cfg)
     summary = json.loads((run / runfolder.SUMMARY).read_text())
     assert (summary["epochs"], summary["epochs_trained"]) == (2, 2)
-    assert len(evaluate.load_run(run).metrics["epoch"].unique()) == 2
+    assert len(runfolder.load_run(run).metrics["epoch"].unique()) == 2

@@ -116,7 +116,7 @@ def _drawn_literally(fig, labels) -> None:
 
 
 def test_plots_draw_every_label_literally(run):
-    _drawn_literally(plots.confusion_heatmap(evaluate.confusion(run, "birthplace", evaluate.UNSEEN_SPLITS)),
+    _drawn_literally(plots.confusion_heatmap(evaluate.confusion(run, "birthplace", runfolder.UNSEEN_SPLITS)),
                      ALL_LABELS)
     _drawn_literally(plots.embedding_scatter(analysis.project_embeddings(run, method="pca")), ALL_LABELS)
     _drawn_literally(plots.learning_curves(evaluate.learning_curves(run, "acc"), "accuracy",

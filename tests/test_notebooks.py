@@ -19,7 +19,8 @@ from voxlib import explore
 from voxlib.config import Config, ConfigError
 from voxlib.corpora.common import ADAPTERS
 from voxlib.notebook import prepare
-from voxlib.report import NOTEBOOKS, main, run_notebook, run_report, this_interpreter_kernel
+from voxlib.index_page import NOTEBOOKS, headline
+from voxlib.report import main, run_notebook, run_report, this_interpreter_kernel
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 EVIL = "<script>alert(1)</script>"
@@ -131,8 +132,6 @@ def test_corpus_labels_are_escaped_everywhere(chain):
 
 
 def test_headline_numbers_cover_every_head_on_both_test_sets(chain):
-    from voxlib.report import headline
-
     table = headline(chain.run_dir)
     assert set(table["head"]) == {"speaker", "birthplace", "sex"}
     assert set(table["split"]) == {"seen_test", "unseen_test"}

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from conftest import TRAINED_SETTINGS, make_tiny_corpus
-from voxlib import evaluate
+from voxlib import evaluate, runfolder
 from voxlib.config import Config
 from voxlib.model import Discriminator
 from voxlib.predict import Classifier, evaluate_manifest
@@ -88,7 +88,7 @@ def test_evaluating_another_corpus_counts_unknown_labels(run, tmp_path):
     assert scores.loc[("speaker", "seen_test"), "chance"] == pytest.approx(1 / 9)  # 9 training speakers
     unknown = pd.read_csv(folder / "unknown_labels.csv").set_index(["head", "label"])["utterances"]
     assert unknown.to_dict() == {("speaker", "atlantis0"): 3, ("speaker", "atlantis1"): 3, ("birthplace", "atlantis"): 6}
-    loaded = evaluate.load_run(folder)  # the evaluation folder follows the run-folder contract
+    loaded = runfolder.load_run(folder)  # the evaluation folder follows the run-folder contract
     table = evaluate.accuracy_table(loaded, splits=["unseen_test"])
     assert table[["head", "n", "unscored"]].values.tolist() == [["sex", 6, 0]]
     assert (folder / "per_class_birthplace.csv").is_file() and (folder / "summary.json").is_file()

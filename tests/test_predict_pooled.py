@@ -219,17 +219,18 @@ def test_a_reused_name_is_judged_by_voice(voices, tmp_path):
     assert ("speaker", "seen_test") in scores.index and ("sex", "unseen_test") not in scores.index
     swapped = {"north0": "south0", "south0": "north0", "north1": "south1", "south1": "north1"}  # other voices
     other = relabelled(voices, tmp_path / "other", swapped)
-    proc = cli("--run-dir", str(voices), "--manifest", str(other), "--out-dir", str(tmp_path / "eval_other"))
+    proc = cli("--run-dir", str(voices), "--manifest", str(other), "--out-dir", str(tmp_path / "eval_other"),
+               "--speakers", "voice")
     assert proc.returncode == 0, proc.stderr
     assert "4 speaker(s) share a name with a training speaker but the run does not recognise their voice: north0, " \
-           "north1, south0, south1; scored as unseen speakers (by voice)" in proc.stderr
+           "north1, south0, south1; scored as unseen speakers (by voice" in proc.stderr
     scores = pd.read_csv(tmp_path / "eval_other" / "scores.csv")
     assert set(scores["split"]) == {"unseen_test"} and "speaker" not in set(scores["head"])
     unknown = pd.read_csv(tmp_path / "eval_other" / "unknown_labels.csv")
     assert unknown.empty  # known names with other voices are not 'unknown labels'
-    by_name = cli("--run-dir", str(voices), "--manifest", str(other), "--out-dir", str(tmp_path / "eval_name"),
-                  "--speakers", "name")
-    assert by_name.returncode == 0 and "scored as the training speakers all the same" in by_name.stderr
+    by_name = cli("--run-dir", str(voices), "--manifest", str(other), "--out-dir", str(tmp_path / "eval_name"))
+    assert by_name.returncode == 0 and "4 speaker(s) share a name" in by_name.stderr  # the default: names, warned
+    assert "scored as the training speakers by name" in by_name.stderr and "--speakers voice" in by_name.stderr
     named = pd.read_csv(tmp_path / "eval_name" / "scores.csv").set_index(["head", "split"])
     assert named.loc[("speaker", "seen_test"), "accuracy"] <= 0.25  # the names were wrong: low, and now visible
 
@@ -238,7 +239,8 @@ def test_an_undertrained_run_keeps_names_it_cannot_judge(trained_run, tmp_path):
     """The shared 1-epoch run barely tells its speakers apart: no name is judged, all stay seen."""
     manifest = make_tiny_corpus(tmp_path / "other", birthplaces=("north",), speakers_per_birthplace=4, utterances=2,
                                 seed=9)
-    folder = evaluate_manifest(Classifier.from_run(trained_run), manifest, tmp_path / "eval", progress=False)
+    folder = evaluate_manifest(Classifier.from_run(trained_run), manifest, tmp_path / "eval", progress=False,
+                               speakers="voice")
     rows = pd.read_csv(folder / "predictions.csv", keep_default_na=False)
     trained = set(pd.read_csv(trained_run / runfolder.SPLITS_FILE).query("split == 'train'")["speaker"])
     named = rows["speaker"].isin(trained)

@@ -8,7 +8,8 @@ from nbformat.v4 import new_code_cell, new_notebook, new_output
 from voxlib.cli import run_command
 from voxlib.config import ConfigError
 from voxlib.notebook import HEADLINE_MIME, escape_markdown
-from voxlib.report import Report, Stage, export_html, main, notebook_parameters, parse_value, write_index
+from voxlib.index_page import Report, Stage, write_index
+from voxlib.report import export_html, main, notebook_parameters, parse_value
 
 EVIL = "<script>alert(1)</script>"
 # A 1x1 red PNG, so the export test needs no matplotlib.

@@ -105,6 +105,13 @@ def test_the_graph_reader_finds_a_circle_and_function_body_imports(tmp_path):
     assert all(line.startswith(("import ", "from ")) for _, _, line in in_functions)
 
 
+def test_imports_inside_functions_only_defer_a_heavy_dependency_and_say_so():
+    _, in_functions = import_graph()
+    unexplained = [f"{m}:{n}: {line}" for m, n, line in in_functions if "#" not in line]
+    assert unexplained == []
+    assert len(in_functions) <= 6, "\n".join(f"{m}:{n}: {line}" for m, n, line in in_functions)
+
+
 def test_the_run_folder_contract_and_the_command_line_stand_low():
     """runfolder.py (the contract) needs no torch, corpus or CLI code; cli.py no run-folder code."""
     graph, _ = import_graph()

@@ -33,20 +33,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
-from voxlib.evaluate import (
-    HELD_OUT_SPLITS,
-    SEEN_SPLITS,
-    UNSEEN_SPLITS,
-    Run,
-    RunError,
-    balanced_accuracy,
-    class_sizes,
-    load_run,
-    majority_class,
-    per_class_metrics,
-    scored,
-    scores,
-)
+from voxlib.evaluate import balanced_accuracy, class_sizes, majority_class, per_class_metrics, scored, scores
+from voxlib.runfolder import HELD_OUT_SPLITS, SEEN_SPLITS, UNSEEN_SPLITS, Run, RunError, load_run
 
 GROUPS = {"seen": SEEN_SPLITS, "unseen": UNSEEN_SPLITS}
 STANDARD_COLUMNS = {"row", "path", "rel_path", "speaker", "birthplace", "sex", "split", "start", "end"}

@@ -33,7 +33,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from voxlib.audio import load_audio
-from voxlib.evaluate import SEEN_SPLITS, UNSEEN_SPLITS, Run, load_run
+from voxlib.runfolder import SEEN_SPLITS, UNSEEN_SPLITS, Run, load_run
 
 N_MFCC = 20
 ENCODER_RATE = 16000  # Resemblyzer's encoder takes 16 kHz audio

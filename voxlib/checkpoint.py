@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from voxlib.fileio import WriteError, fsync_dir, write_atomic  # noqa: F401 (re-exported)
+from voxlib.fileio import WriteError, write_atomic
 from voxlib.runfolder import checkpoint_problem
 
 # torch's weights-only unpickler names a refused Python global this way; anything else it raises is damage

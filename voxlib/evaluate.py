@@ -17,14 +17,12 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from voxlib.runfolder import (  # noqa: F401 (the run-folder names are re-exported for analysis code)
+from voxlib.runfolder import (
     CURVE_SPLITS,
     HELD_OUT_SPLITS,
-    SEEN_SPLITS,
-    TOP_K_STORED,
     TOP_K_SEPARATOR,
+    TOP_K_STORED,
     UNSEEN_SPLITS,
-    Embeddings,
     Run,
     RunError,
     is_pooled,

@@ -8,10 +8,20 @@ column (JVS) and with clips cut from long recordings by ``start``/``end`` (CSJ, 
 """
 from __future__ import annotations
 
+import sys
+
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
+import soundfile as sf
+import torch
+from IPython.display import Audio
 
 from voxlib.config import Config
+from voxlib.corpora.manifest import load_audio, read_manifest
+from voxlib.features import spectrogram
+from voxlib.notebook import escape_markdown
 from voxlib.text import plot_label
 
 NO_LABEL = "(none)"  # shown for an empty label, so an unlabelled group is counted, not dropped
@@ -20,10 +30,6 @@ GROUPS = ("speaker", "birthplace", "sex")
 
 def load(cfg: Config):
     """The manifest as training will read it (same bad-file policy)."""
-    from voxlib.corpora.manifest import read_manifest
-
-    import sys
-
     # the same reading as data.load_run_data; a bar only on a terminal (in a notebook it is stderr lines)
     return read_manifest(cfg.manifest, on_bad_file=cfg.on_bad_file, allow_outside_paths=cfg.allow_outside_paths,
                          sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, cache_dir=cfg.cache_dir or None,
@@ -51,8 +57,6 @@ def durations(table: pd.DataFrame) -> pd.Series:
     """
     if "duration" in table.columns:
         return pd.to_numeric(table["duration"], errors="raise").astype(float).rename("duration")
-    import soundfile as sf
-
     seconds = []
     for path, start, end in zip(table["path"], _column(table, "start"), _column(table, "end")):
         info = sf.info(path)
@@ -119,9 +123,6 @@ def totals(table: pd.DataFrame) -> dict[str, float]:
 # --- figures ---------------------------------------------------------------------------------------
 def duration_histogram(table: pd.DataFrame, cfg: Config, ax=None):
     """Utterance lengths against the crop length the network sees (clips shorter are padded)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3))
     data = pd.DataFrame({"seconds": durations(table).to_numpy(), "sex": labels(table, "sex").to_numpy()})
@@ -136,8 +137,6 @@ def duration_histogram(table: pd.DataFrame, cfg: Config, ax=None):
 
 def speaker_balance_figure(table: pd.DataFrame, max_classes: int = 60):
     """Bar chart of speakers per birthplace (largest first); big corpora show the largest classes."""
-    import matplotlib.pyplot as plt
-
     counts = speakers_per_birthplace(table)
     shown = counts.head(max_classes)
     fig, ax = plt.subplots(figsize=(7, max(2.0, 0.22 * len(shown) + 1)))
@@ -187,8 +186,6 @@ def example_rows(table: pd.DataFrame, per_group: int = 1, max_groups: int = 8, s
 
 def load_wave(row: pd.Series, cfg: Config) -> np.ndarray:
     """One utterance as mono float32 at ``cfg.sample_rate`` (segment only, if start/end given)."""
-    from voxlib.corpora.manifest import load_audio
-
     start = row.get("start", np.nan)
     end = row.get("end", np.nan)
     return load_audio(row["path"], cfg.sample_rate,
@@ -202,11 +199,6 @@ def spectrogram_grid(table: pd.DataFrame, cfg: Config, per_group: int = 1, max_g
     discriminator is trained on. The features map [-top_db, 0] dB re full scale linearly to [0, 1];
     the colour bar shows that scale in dB.
     """
-    import matplotlib.pyplot as plt
-    import torch
-
-    from voxlib.features import spectrogram
-
     rows = example_rows(table, per_group, max_groups, seed)
     cols = min(4, max(1, len(rows)))
     nrows = int(np.ceil(len(rows) / cols))
@@ -235,10 +227,6 @@ def audio_examples(table: pd.DataFrame, cfg: Config, n: int = 4, max_seconds: fl
 
     The caption is Markdown with the labels escaped (corpus labels are untrusted text).
     """
-    from IPython.display import Audio
-
-    from voxlib.notebook import escape_markdown
-
     rows = example_rows(table, per_group=1, max_groups=n, seed=seed)
     names = pd.DataFrame({c: labels(rows, c) for c in GROUPS})
     out = []

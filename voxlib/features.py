@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 from voxlib import __version__
 from voxlib.audio import load_audio
-from voxlib.checkpoint import fsync_dir
 from voxlib.config import Config, outputs_dir, usable_cores
+from voxlib.fileio import fsync_dir
 from voxlib.heap import trim_before_fork
 from voxlib.lock import LockedError, exclusive_lock
 from voxlib.signals import process_pool, terminate_as_interrupt

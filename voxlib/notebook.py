@@ -12,10 +12,13 @@ import dataclasses
 import warnings
 from pathlib import Path
 
+import pandas as pd
 from IPython.display import Markdown, display
 
 from voxlib.config import Config, ConfigError, project_root
 from voxlib.corpora.source import default_run_dir
+from voxlib.demo import ensure_demo_corpus
+from voxlib.plots import shown, styled
 from voxlib.progress import send_to_report
 from voxlib.runfolder import RunError, require_finished
 from voxlib.text import markdown
@@ -51,8 +54,6 @@ def prepare(cfg: Config, need: str = "manifest", allow_unfinished: bool = False)
     cfg = resolve_paths(cfg)
     if need == "manifest":
         if not cfg.manifest:
-            from voxlib.demo import ensure_demo_corpus
-
             cfg = dataclasses.replace(cfg, manifest=str(Path(ensure_demo_corpus(cfg)).resolve()))
         if not Path(cfg.manifest).is_file():
             raise ConfigError(f"parameter 'manifest': no such file {cfg.manifest}")
@@ -91,19 +92,12 @@ def as_table(values: dict, name: str = "value"):
     names: accuracies, majority, chance ...) as percent with one decimal, counts as integers, other
     numbers in fixed notation.
     """
-    import pandas as pd
-
-    # plots pulls in matplotlib and seaborn; voxlib.report imports this module for PATH_FIELDS only
-    from voxlib.plots import shown
-
     return pd.Series({k: shown(k, v) for k, v in values.items()}, name=name, dtype=object).to_frame()
 
 
 def publish_headline(table, caption: str = ""):
     """Show verdict.headline's table and store it as data (HEADLINE_MIME) in the same output, so that
     index.html repeats exactly what notebook 03 shows without recomputing the reference baselines."""
-    from voxlib.plots import styled  # matplotlib and seaborn: see as_table
-
     rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}  # NaN is not JSON
             for row in table.to_dict("records")]
     display({"text/html": styled(table, caption=caption).to_html(),

@@ -39,7 +39,8 @@ from voxlib.analysis import (
 )
 from voxlib.baselines import REPRESENTATIONS
 from voxlib.corpora.labels import too_few_speakers
-from voxlib.evaluate import SEEN_SPLITS, Run, accuracy_table, balanced_accuracy, confusion, load_run, scored, scores
+from voxlib.evaluate import accuracy_table, balanced_accuracy, confusion, scored, scores
+from voxlib.runfolder import SEEN_SPLITS, Run, load_run
 from voxlib.text import percent, points
 
 # --- verdict thresholds (fractions of 1; a rule fires only when its number crosses its threshold) ---
