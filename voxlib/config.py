@@ -108,6 +108,8 @@ class Config:
     manifest: str = knob("", "CSV path,speaker,birthplace,sex[,...]; \"\" = the built-in demo corpus", "corpus", RUN)
     run_dir: str = knob("", "run folder; \"\" = outputs/runs/<corpus name>; an existing run is resumed", "corpus", RUN)
     compare_run_dir: str = knob("", "notebook 03: a second run folder shown side by side; \"\" = none", "analysis", RUN)
+    study_dir: str = knob("", "notebook 03 and index.html: a remedies study folder (python -m voxlib.remedies) "
+                          "shown as 'what makes birthplace hold on new voices'; \"\" = none", "analysis", RUN)
     cache_dir: str = knob("", "feature cache root; \"\" = outputs/cache", "corpus", RUN)
     labels: str = knob("speaker,birthplace,sex", "heads to train (comma list); \"\" = every label column",
                        "corpus", LEARNING)
@@ -340,6 +342,12 @@ class Config:
     def values(self, role: str) -> dict[str, Any]:
         """The fields of one role (``features``, ``learning``, ``run``) and their values."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["role"] == role}
+
+    def remedies(self) -> dict[str, Any]:
+        """The generalisation settings (the remedies for a birthplace head that learns voices) that differ
+        from their defaults, i.e. from the seed discriminator."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.metadata["group"] == "generalisation" and getattr(self, f.name) != f.default}
 
     def changed(self) -> dict[str, Any]:
         """Fields whose value differs from the default (after the preset)."""

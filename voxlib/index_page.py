@@ -8,6 +8,7 @@ record. Everything corpus-made is HTML-escaped.
 """
 from __future__ import annotations
 
+import base64
 import html
 import json
 import re
@@ -25,6 +26,7 @@ from voxlib.evaluate import accuracy_table
 from voxlib.notebook import HEADLINE_MIME
 from voxlib.pooled import pooled_table
 from voxlib.text import percent
+from voxlib.verdict import study_display, study_findings
 
 NOTEBOOKS = ("01_explore", "02_train", "03_birthplace")
 CODE_SUFFIX = "-code"  # reports/NAME-code.html: the report with its code cells
@@ -123,6 +125,7 @@ td.best {{ font-weight: bold; }}
 <p>Run folder: <code>{esc(str(report.run_dir))}</code></p>
 {headline_html(report)}
 {verdict_html(report)}
+{study_html(values.get("study_dir"))}
 <h2>Reports</h2>
 <p class='note'>Each report shows its text, tables and figures; the page "with code" adds the code cells that
 made them.</p>
@@ -135,6 +138,38 @@ made them.</p>
     report.index.parent.mkdir(parents=True, exist_ok=True)
     report.index.write_text(page, encoding="utf-8")
     return report.index
+
+
+def study_html(study_dir: str | None) -> str:
+    """What makes birthplace hold on new voices: the remedies study's findings, table and figure."""
+    if not study_dir:
+        return ""
+    esc = html.escape
+    try:
+        study = runfolder.load_study(study_dir)
+    except runfolder.RunError as err:
+        return f"<h2>What makes birthplace hold on new voices</h2><p class='error'>{esc(str(err))}</p>"
+    table = study_display(study.table)
+
+    def cell(column: str, value) -> str:
+        if value is None or value != value:
+            return "<td></td>"
+        return f"<td class='num'>{percent(value) if column != 'training minutes' else f'{value:.1f}'}</td>"
+
+    rows = "".join(f"<tr><td>{esc(str(name))}</td>" + "".join(cell(c, v) for c, v in row.items()) + "</tr>"
+                   for name, row in table.iterrows())
+    header = "".join(f"<th>{esc(c)}</th>" for c in table.columns)
+    figure = study.path / runfolder.STUDY_PNG
+    image = (f"<p><img alt='unseen-speaker birthplace accuracy per variant' style='max-width: 100%' "
+             f"src='data:image/png;base64,{base64.b64encode(figure.read_bytes()).decode()}'></p>"
+             if figure.is_file() else "")
+    items = "".join(f"<li>{esc(line)}</li>" for line in study_findings(study.table))
+    return ("<h2>What makes birthplace hold on new voices</h2>\n"
+            f"<p>The remedies study in <code>{esc(str(study.path))}</code>: the seed discriminator, each remedy alone "
+            f"and preset accent, trained on the same {study.record['folds']} speaker folds, beside the reference "
+            "baselines fitted on those folds. Unseen speakers: pooled over the folds, low and high bound the 95 % "
+            "interval resampled over speakers.</p>\n"
+            f"<ul>{items}</ul>\n<table><tr><th>variant</th>{header}</tr>{rows}</table>\n{image}")
 
 
 def published_headline(executed: Path) -> "pd.DataFrame | None":

@@ -20,10 +20,10 @@ from voxlib.corpora.source import default_run_dir
 from voxlib.demo import ensure_demo_corpus
 from voxlib.plots import shown, styled
 from voxlib.progress import send_to_report
-from voxlib.runfolder import RunError, require_finished
+from voxlib.runfolder import RunError, load_study, require_finished
 from voxlib.text import markdown
 
-PATH_FIELDS = ("manifest", "run_dir", "compare_run_dir", "cache_dir")  # str fields naming files/folders
+PATH_FIELDS = ("manifest", "run_dir", "compare_run_dir", "study_dir", "cache_dir")  # str fields naming files/folders
 # notebook 03's headline table as data, beside its HTML, in the executed notebook: index.html reads it
 HEADLINE_MIME = "application/vnd.vox.headline+json"
 
@@ -69,6 +69,11 @@ def prepare(cfg: Config, need: str = "manifest", allow_unfinished: bool = False)
             except RunError as err:
                 hint = "; train first (notebook 02 or python -m voxlib.train)" if not Path(folder).exists() else ""
                 raise ConfigError(f"parameter {name!r}: {err}{hint}") from None
+        if cfg.study_dir:
+            try:
+                load_study(cfg.study_dir)
+            except RunError as err:
+                raise ConfigError(f"parameter 'study_dir': {err}") from None
     else:
         raise ValueError(f"need must be 'manifest' or 'run', got {need!r}")
     return cfg

@@ -38,7 +38,8 @@ SHARE_COLUMNS = frozenset({
     "low", "high",  # low, high: a confidence interval of an accuracy
     "unseen_low", "unseen_high", "fold_std", "seen_std_over_seeds", "threshold",
     "fine_accuracy", "coarse_accuracy", "coarse_chance", "coarse_majority", "errors_within", "errors_within_expected",
-    "relative_change", "mfcc", "encoder", "discriminator"})
+    "relative_change", "mfcc", "encoder", "discriminator",
+    "seen speaker", "seen birthplace", "unseen birthplace", "unseen sex"})  # a remedies study (verdict.study_display)
 
 
 def shown(column: str, value) -> str:

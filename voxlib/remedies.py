@@ -40,7 +40,6 @@ from voxlib.train import train_run
 
 log = logging.getLogger("voxlib.train")  # one stream with the trainings it runs
 
-STUDY_CSV, STUDY_MD, STUDY_PNG, STUDY_JSON = "study.csv", "study.md", "study.png", "study.json"
 DEFAULT_FOLDS = 3
 # A remedy studied alone takes the accent preset's value for it, or this one when the preset leaves it out.
 ALONE = dict(utterance_norm=True, pooled_heads="birthplace", accent_branch=2, speaker_adversary=0.3,
@@ -56,8 +55,6 @@ REMEDIES = (
                                                                      "perturb_tempo")),
     ("regularisation", "trunk dropout + weight decay", ("trunk_dropout", "weight_decay")),
 )
-COLUMNS = ["variant", "label", "changes", "seen_speaker", "seen_birthplace", "unseen_birthplace", "unseen_low",
-           "unseen_high", "unseen_speakers", "chance", "unseen_sex", "sex_low", "sex_high", "train_minutes"]
 
 
 def variants() -> list[tuple[str, str, dict[str, Any]]]:
@@ -76,8 +73,7 @@ def study_configs(base: Config, folds: int, root: Path, chosen: Sequence[str] | 
     unknown = sorted(set(chosen or ()) - known)
     if unknown:
         raise ConfigError(f"--variants: unknown {unknown}; known: {', '.join(n for n, _, _ in variants())}")
-    plain = base.replace(**{name: value for name, value in Config().to_dict().items()
-                            if name in ACCENT_PRESET or name in ALONE or name == "preset"})
+    plain = base.replace(preset="", **{name: Config().to_dict()[name] for name in base.remedies()})
     return [(name, label, plain.replace(**changes, folds=folds, seeds=1, run_dir=str(root / name)))
             for name, label, changes in variants() if chosen is None or name in chosen]
 
@@ -85,20 +81,22 @@ def study_configs(base: Config, folds: int, root: Path, chosen: Sequence[str] | 
 def run_study(base: Config, folds: int = DEFAULT_FOLDS, root: Path | None = None,
               chosen: Sequence[str] | None = None, encoder: bool = True) -> Path:
     """Train (or resume, or find finished) every variant on the same folds, then write the study files."""
+    if folds < 2:
+        raise ConfigError(f"parameter 'folds': a study pools every variant over speaker folds; give at least 2, got {folds}")
     root = Path(root) if root else outputs_dir() / "remedies" / f"{corpus_name(base)}-folds{folds}"
     plan = study_configs(base, folds, root, chosen)
     with runfolder.writing(root, "study folder"):
-        (root / STUDY_JSON).unlink(missing_ok=True)  # complete again only once written below
+        (root / runfolder.STUDY).unlink(missing_ok=True)  # complete again only once written below
         for i, (name, label, cfg) in enumerate(plan, 1):
             log.info("variant %d of %d: %s (%s)", i, len(plan), label, ", ".join(
                 f"{k}={v}" for k, v in changes_of(cfg).items()) or "no remedy")
             run_experiment(cfg, train_run)
         table = study_table(plan, encoder)
-        runfolder.write_csv(root, STUDY_CSV, table)
-        runfolder.write_text(root, STUDY_MD, study_markdown(table))
+        runfolder.write_csv(root, runfolder.STUDY_CSV, table)
+        runfolder.write_text(root, runfolder.STUDY_MD, study_markdown(table))
         figure = variant_intervals(table)
-        runfolder.write_figure(root, STUDY_PNG, figure)
-        runfolder.write_json(root, STUDY_JSON, {"folds": folds, "base": base.to_dict(),
+        runfolder.write_figure(root, runfolder.STUDY_PNG, figure)
+        runfolder.write_json(root, runfolder.STUDY, {"folds": folds, "base": base.to_dict(),
                                                 "variants": {name: changes_of(cfg) for name, _, cfg in plan},
                                                 "table": table.astype(object).where(table.notna(), None)
                                                 .to_dict(orient="records")})
@@ -106,9 +104,8 @@ def run_study(base: Config, folds: int = DEFAULT_FOLDS, root: Path | None = None
 
 
 def changes_of(cfg: Config) -> dict[str, Any]:
-    """The generalisation settings a variant differs in from the seed discriminator (after its preset)."""
-    defaults = Config().to_dict()
-    return {name: getattr(cfg, name) for name in ("preset", *ALONE) if getattr(cfg, name) != defaults[name]}
+    """What a variant changes against the seed discriminator: its preset and its remedies (after the preset)."""
+    return ({"preset": cfg.preset} if cfg.preset else {}) | cfg.remedies()
 
 
 def study_table(plan: list[tuple[str, str, Config]], encoder: bool = True) -> pd.DataFrame:
@@ -138,7 +135,7 @@ def study_table(plan: list[tuple[str, str, Config]], encoder: bool = True) -> pd
                      "changes": "", "seen_speaker": score.get(("speaker", "seen")),
                      "seen_birthplace": score.get(("birthplace", "seen")),
                      "unseen_birthplace": score.get(("birthplace", "unseen")), "unseen_sex": score.get(("sex", "unseen"))})
-    return pd.DataFrame(rows, columns=COLUMNS).astype({"unseen_speakers": "Int64"})
+    return pd.DataFrame(rows, columns=list(runfolder.STUDY_COLUMNS)).astype({"unseen_speakers": "Int64"})
 
 
 BASELINE_LABELS = {"mfcc": "MFCC statistics + logistic regression", "encoder": "speaker encoder + logistic regression"}
@@ -186,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     root = run_study(cfg.replace(folds=1), folds, Path(args.out) if args.out else None, chosen,
                      encoder=not args.no_encoder)
-    print((root / STUDY_MD).read_text(encoding="utf-8"))
+    print((root / runfolder.STUDY_MD).read_text(encoding="utf-8"))
     print(f"study folder {root} ({(time.perf_counter() - t0) / 60:.1f} min)", file=sys.stderr)
     print(root)
     return 0

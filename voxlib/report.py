@@ -109,8 +109,9 @@ def notebook_parameters(manifest: str = "", run_dir: str = "", params: dict[str,
             values[name] = str((cwd / Path(getattr(cfg, name)).expanduser()).resolve())
     if values.get("manifest") and not Path(values["manifest"]).is_file():
         raise ConfigError(f"parameter 'manifest': no such file {values['manifest']}")
-    if values.get("compare_run_dir") and not Path(values["compare_run_dir"]).is_dir():
-        raise ConfigError(f"parameter 'compare_run_dir': no such folder {values['compare_run_dir']}")
+    for name in ("compare_run_dir", "study_dir"):
+        if values.get(name) and not Path(values[name]).is_dir():
+            raise ConfigError(f"parameter '{name}': no such folder {values[name]}")
     if not values.get("run_dir"):
         values["run_dir"] = str(default_run_dir(dataclasses.replace(cfg, **values)))
     return values

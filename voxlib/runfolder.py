@@ -72,6 +72,12 @@ MEMBER_SCORES = "member_scores.csv"  # one row per member, head and seen/unseen 
 POOLED_PREDICTIONS = "pooled_predictions.csv"  # every member's unseen-speaker rows, with fold and seed
 POOLED = "pooled.json"  # written last: its presence means every member is finished and pooled
 MEMBER_SCORE_COLUMNS = ("member", "fold", "seed", "head", "group", "n", "accuracy", "majority", "chance")
+# a remedies study folder (python -m voxlib.remedies): one pooled folder per variant, the study's files beside them
+STUDY_CSV = "study.csv"  # one row per variant and per reference baseline
+STUDY_MD, STUDY_PNG = "study.md", "study.png"  # the same as a Markdown table and as a figure
+STUDY = "study.json"  # written last: its presence means every variant is trained and tabled
+STUDY_COLUMNS = ("variant", "label", "changes", "seen_speaker", "seen_birthplace", "unseen_birthplace", "unseen_low",
+                 "unseen_high", "unseen_speakers", "chance", "unseen_sex", "sex_low", "sex_high", "train_minutes")
 
 SPLITS = ("train", "seen_val", "seen_test", "unseen_val", "unseen_test")
 HELD_OUT_SPLITS = SPLITS[1:]
@@ -588,6 +594,29 @@ def resume_note(run_dir: str | Path, epochs: int, trained: int) -> str:
         return (f"extending finished run {run_dir} from {done.get('epochs')} to {epochs} epochs (it trained "
                 f"{trained}); its {trained}-epoch results stay in place until the new ones are written")
     return f"resuming {run_dir} after epoch {trained}"
+
+
+@dataclass
+class Study:
+    """A finished remedies study: its table (variants, then the reference baselines) and its record."""
+
+    path: Path
+    table: pd.DataFrame
+    record: dict  # study.json: folds, base settings, each variant's changes
+
+
+def load_study(path: str | Path) -> Study:
+    """Read a finished study folder; an unfinished or foreign one is named as such."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: no such study folder")
+    if not (path / STUDY).is_file():
+        raise RunError(f"{path}: not a finished remedies study (no {STUDY}); run python -m voxlib.remedies --out "
+                       f"{path} to finish it")
+    table = read_csv(path / STUDY_CSV, STUDY_COLUMNS)
+    for column in STUDY_COLUMNS[3:]:
+        table[column] = pd.to_numeric(table[column].replace("", np.nan), errors="coerce")
+    return Study(path, table, read_json(path / STUDY))
 
 
 def read_json(path: Path):

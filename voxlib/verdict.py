@@ -38,6 +38,7 @@ from voxlib.analysis import (
     through_speaker,
 )
 from voxlib.baselines import REPRESENTATIONS
+from voxlib.config import Config, field_names
 from voxlib.corpora.labels import too_few_speakers
 from voxlib.evaluate import accuracy_table, balanced_accuracy, confusion, scored, scores
 from voxlib.runfolder import SEEN_SPLITS, Run, load_run
@@ -508,3 +509,83 @@ def compare_runs(run_a: Run | str | Path, run_b: Run | str | Path, head: str = "
 
     table["difference"] = [diff(x, y) for x, y in zip(table[name_a], table[name_b])]
     return table
+
+
+# --- a remedies study ----------------------------------------------------------------------------------
+SAME_SPEAKER_MARGIN = 0.02  # seen-speaker speaker accuracy within this of the seed discriminator: kept
+
+
+def study_findings(table: pd.DataFrame) -> list[str]:
+    """What a remedies study (runfolder.load_study) says about birthplace on new voices, in sentences.
+
+    Preset accent against the seed discriminator (both pooled over the study's folds, with their
+    speaker-resampled intervals), whether the gap to the best reference baseline closed, what it cost
+    the speaker head, and how the remedies rank alone.
+    """
+    rows = table.set_index("variant")
+    reference = table[table["variant"].str.startswith("baseline:") & table["unseen_birthplace"].notna()]
+    seed = rows.loc["seed"] if "seed" in rows.index else None
+    accent = rows.loc["accent"] if "accent" in rows.index else None
+
+    def unseen(row) -> str:
+        interval = f" [{percent(row.unseen_low)}, {percent(row.unseen_high)}]" if pd.notna(row.unseen_low) else ""
+        return f"{percent(row.unseen_birthplace)}{interval}"
+
+    lines = []
+    if seed is not None and accent is not None:
+        apart = ("the intervals do not overlap" if accent.unseen_low > seed.unseen_high else
+                 "the intervals overlap, so the difference is not shown beyond the spread between speakers")
+        lines.append(f"birthplace on unseen speakers (pooled over the study's folds): preset accent {unseen(accent)} "
+                     f"against the seed discriminator's {unseen(seed)}; {apart}")
+    if len(reference):
+        best = reference.loc[reference["unseen_birthplace"].idxmax()]
+        for name, row in (("the seed discriminator", seed), ("preset accent", accent)):
+            if row is None:
+                continue
+            gap = best.unseen_birthplace - row.unseen_birthplace
+            if gap <= 0:
+                said = f"{name} is {points(-gap)} above it: the gap is closed"
+            elif pd.notna(row.unseen_high) and row.unseen_high >= best.unseen_birthplace:
+                said = f"{name} is {points(gap)} below it, within its own interval: the gap is closed within the noise"
+            else:
+                said = f"{name} is {points(gap)} below it: the gap is not closed"
+            lines.append(f"{best.label} reaches {percent(best.unseen_birthplace)} on the same unseen speakers; {said}")
+    if seed is not None and accent is not None and pd.notna(seed.seen_speaker) and pd.notna(accent.seen_speaker):
+        change = accent.seen_speaker - seed.seen_speaker
+        kept = "within" if abs(change) <= SAME_SPEAKER_MARGIN else "beyond"
+        lines.append(f"the speaker head StarGAN needs, on held-out utterances of training speakers: preset accent "
+                     f"{percent(accent.seen_speaker)} against {percent(seed.seen_speaker)} ({kept} "
+                     f"{points(SAME_SPEAKER_MARGIN)} of the seed discriminator)")
+    if seed is not None and accent is not None and pd.notna(accent.unseen_sex) and pd.notna(seed.unseen_sex):
+        worse = pd.notna(accent.sex_high) and accent.sex_high < seed.unseen_sex
+        lines.append(f"sex on unseen speakers: preset accent {percent(accent.unseen_sex)} against "
+                     f"{percent(seed.unseen_sex)} ({'worse beyond' if worse else 'not worse beyond'} its interval)")
+    alone = table[~table["variant"].isin(["seed", "accent"]) & ~table["variant"].str.startswith("baseline:")
+                  & table["unseen_birthplace"].notna()]
+    if len(alone) and seed is not None:
+        ranked = alone.sort_values("unseen_birthplace", ascending=False)
+        lines.append("each remedy alone, birthplace on unseen speakers: " + "; ".join(
+            f"{r.label} {percent(r.unseen_birthplace)}" for r in ranked.itertuples())
+            + f" (seed discriminator {percent(seed.unseen_birthplace)})")
+    return lines
+
+
+def remedies_used(run: Run) -> list[str]:
+    """The generalisation remedies a run was trained with, as a sentence for a report."""
+    cfg = Config.from_dict({k: v for k, v in run.config.items() if k in field_names()})
+    used = cfg.remedies()
+    if not used:
+        return ["this run used no generalisation remedy: it is the seed discriminator (give study_dir, a folder made by "
+                "python -m voxlib.remedies, to see what each remedy changes on the same folds)"]
+    preset = f" (preset {cfg.preset!r})" if cfg.preset else ""
+    return [f"this run was trained with{preset}: " + ", ".join(f"{k}={v}" for k, v in used.items())]
+
+
+def study_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The study table with the columns a reader wants, named for a reader (shares stay numbers for styled)."""
+    shown = table.rename(columns={"label": "variant ", "seen_speaker": "seen speaker", "seen_birthplace": "seen birthplace",
+                                  "unseen_birthplace": "unseen birthplace", "unseen_low": "low", "unseen_high": "high",
+                                  "unseen_sex": "unseen sex", "train_minutes": "training minutes"})
+    columns = ["variant ", "seen speaker", "seen birthplace", "unseen birthplace", "low", "high", "unseen sex",
+               "training minutes"]
+    return shown[columns].set_index("variant ")
