@@ -223,6 +223,9 @@ class Config:
                                 low=0.0, high=1.0)
     perturb_tempo: float = knob(0.0, "voice perturbation: speaking rate scaled by a factor in [1/(1+x), 1+x] "
                                 "(0 = off)", "generalisation", LEARNING, low=0.0, high=0.5)
+    perturb_share: float = knob(0.5, "share of training crops given a new voice by the perturb_* settings; they "
+                                "train no speaker or sex head (it is no longer the recorded voice)",
+                                "generalisation", LEARNING, low=0.0, high=1.0)
     trunk_dropout: float = knob(0.0, "dropout on the maps the heads read, in training", "generalisation", LEARNING,
                                 low=0.0, high=0.9)
     weight_decay: float = knob(0.0, "L2 weight decay on every conv and linear weight (not BatchNorm, not biases)",

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from voxlib.perturb import VoicePerturbation
+from voxlib.perturb import VOICE_HEADS, VoicePerturbation
 from voxlib.runfolder import HELD_OUT_SPLITS, SPLITS
 
 log = logging.getLogger(__name__)
@@ -247,8 +247,9 @@ class CropDataset(Dataset):
     uninterrupted one would; call :meth:`set_epoch` each epoch. Evaluation: ``eval_crops`` fixed evenly
     spaced crops stacked to (eval_crops, 1, 256, n_frames); the caller averages their predictions.
     ``masks`` = (freq_masks, freq_mask_width, time_masks, time_mask_width), training only.
-    ``perturb`` gives each training crop a new voice (perturb.py), drawn from (seed, epoch, row); off
-    (None or all zero), no number is drawn and the crops are those of a run without it.
+    ``perturb`` gives a share of the training crops a new voice (perturb.py), drawn from (seed, epoch,
+    row); such a crop has no speaker or sex target (-1). Off (None or all zero), no number is drawn and
+    the crops are those of a run without it.
     """
 
     def __init__(self, cache, rows: Sequence[int], targets: dict[str, np.ndarray], n_frames: int = 256,
@@ -274,15 +275,17 @@ class CropDataset(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         spec = self.cache.get(row)
+        factors = None
         if self.train:
             length = self.n_frames
             if self.perturb is not None:
                 factors = self.perturb.draw(_rng(self.seed, "perturb", self.epoch, row))
-                length = self.perturb.window_frames(factors, self.n_frames)
+                if factors is not None:
+                    length = self.perturb.window_frames(factors, self.n_frames)
             span = max(spec.shape[1] - length, 0)
             start = int(_rng(self.seed, "crop", self.epoch, row).integers(0, span + 1))
             crop = fit_crop(spec, start, length)
-            if self.perturb is not None:
+            if factors is not None:
                 crop = self.perturb.apply(crop, factors, self.n_frames)
             if self.masks[0] or self.masks[2]:
                 crop = spec_augment(crop, _rng(self.seed, "mask", self.epoch, row), *self.masks)
@@ -290,6 +293,8 @@ class CropDataset(Dataset):
         else:
             x = eval_crops_of(spec, self.n_frames, self.eval_crops)
         y = {head: torch.tensor(t[row], dtype=torch.int64) for head, t in self.targets.items()}
+        if factors is not None:  # somebody else speaking: not the recorded speaker or sex
+            y.update({head: torch.tensor(-1) for head in VOICE_HEADS if head in y})
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), y, row
 
 
