@@ -8,24 +8,30 @@ prediction from its checkpoint's settings alone.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter1d
+from scipy.signal import find_peaks
 from torch import nn
 
 from voxlib import runfolder
 from voxlib.checkpoint import save_checkpoint
 from voxlib.config import Config, ConfigError
-from voxlib.model import (Discriminator, StatsHead, count_flops, decay_groups, load_discriminator,
-                          model_options, time_statistics, utterance_norm)
+from voxlib.features import spectrogram
+from voxlib.model import (Discriminator, StatsHead, count_flops, decay_groups, envelope_projection,
+                          load_discriminator, model_options, time_statistics, utterance_norm)
+from voxlib.perturb import split_source_filter
 
 HEADS = {"speaker": 6, "birthplace": 3, "sex": 2}
 WIDTH = 1 / 16
-REMEDIED = dict(utterance_norm=True, pooled_heads=("birthplace",), accent_branch=2, dropout=0.2)
+REMEDIED = dict(utterance_norm=True, input_lifter=0, pooled_heads=("birthplace",), accent_branch=2, dropout=0.2)
 
 
 def test_remedies_off_build_the_seed_model_with_the_same_initial_weights_and_rng_use():
     options = model_options(Config().to_dict())
-    assert options == {"width": 0.25, "utterance_norm": False, "pooled_heads": (), "accent_branch": 0, "dropout": 0.0}
+    assert options == {"width": 0.25, "utterance_norm": False, "input_lifter": 0, "pooled_heads": (),
+                       "accent_branch": 0, "dropout": 0.0}
     torch.manual_seed(3)
     seed = Discriminator(HEADS, WIDTH)
     after_seed = torch.get_rng_state()
@@ -40,8 +46,8 @@ def test_remedies_off_build_the_seed_model_with_the_same_initial_weights_and_rng
 
 
 def test_settings_written_before_the_remedies_existed_give_the_seed_model():
-    assert model_options({"width": 0.5}) == {"width": 0.5, "utterance_norm": False, "pooled_heads": (),
-                                             "accent_branch": 0, "dropout": 0.0}
+    assert model_options({"width": 0.5}) == {"width": 0.5, "utterance_norm": False, "input_lifter": 0,
+                                             "pooled_heads": (), "accent_branch": 0, "dropout": 0.0}
     remedied = Config(utterance_norm=True, pooled_heads="birthplace", accent_branch=2, trunk_dropout=0.2,
                       width=WIDTH).to_dict()
     assert model_options(remedied) == {"width": WIDTH, **REMEDIED}
@@ -152,3 +158,23 @@ def test_a_remedied_checkpoint_reloads_for_prediction_from_its_settings(tmp_path
     for head, logits in loaded(x).items():
         torch.testing.assert_close(logits, model(x)[head])
 
+
+
+def test_input_lifter_keeps_the_envelope_and_drops_the_harmonics():
+    sr, f0 = 16000, 180.0
+    t = torch.arange(int(2.2 * sr)) / sr
+    wave = sum(torch.exp(torch.tensor(-0.5 * ((k * f0 - 700.0) / 250.0) ** 2) + 0.01) * torch.sin(2 * torch.pi * k * f0 * t)
+               for k in range(1, 43))
+    spec = spectrogram((0.5 * wave / wave.abs().max()).numpy(), Config())[:, :, 20:276]  # (1, 256, 256)
+    model = Discriminator(HEADS, WIDTH, input_lifter=30)
+    envelope = model.prepare(spec[None])[0, 0].mean(1).numpy()
+    raw = spec[0].mean(1).numpy()
+    harmonics, _ = find_peaks(raw[:64], prominence=0.05)
+    assert len(harmonics) >= 9  # a peak per harmonic below 2 kHz (every 5.7 bins)
+    peaks, _ = find_peaks(envelope[:64], prominence=0.05)
+    assert len(peaks) <= 2  # the harmonic ripple is gone
+    smooth = gaussian_filter1d(raw, sigma=6)  # the envelope as a smoothed spectrum sees it
+    assert np.corrcoef(smooth, envelope)[0, 1] > 0.95
+    expected, _ = split_source_filter(spec[0].numpy(), 30)  # the same split the voice perturbation uses
+    torch.testing.assert_close(torch.matmul(envelope_projection(256, 30), spec[0]), torch.from_numpy(expected),
+                               atol=1e-5, rtol=0)

@@ -201,6 +201,9 @@ class Config:
     utterance_norm: bool = knob(False, "normalise each crop's frequency bins to zero mean and unit variance over time "
                                 "inside the model (removes channel and a voice's average spectrum; predict applies "
                                 "it too)", "generalisation", LEARNING)
+    input_lifter: int = knob(0, "keep this many cepstral coefficients of every frame: the spectral envelope "
+                             "without the pitch harmonics, which identify the voice rather than the accent "
+                             "(inside the model; 0 = off)", "generalisation", LEARNING, low=0, high=MODEL_INPUT)
     pooled_heads: str = knob("", "heads (comma list) that read mean and std over time of the trunk map through one "
                              "linear layer instead of the 4x4 conv (no tie to positions in the crop)",
                              "generalisation", LEARNING)

@@ -13,6 +13,8 @@ and lives in ``adversary.py``; :func:`model_options` maps a run's settings to th
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,6 +89,19 @@ def utterance_norm(x: torch.Tensor, eps: float = STATS_EPS) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(var + eps)
 
 
+def envelope_projection(bins: int, keep: int) -> torch.Tensor:
+    """(bins, bins) matrix that keeps the first ``keep`` DCT-II coefficients of a frame (cepstral liftering).
+
+    A feature frame is a log spectrum (dB mapped linearly to [0, 1]); its low-quefrency part is the
+    spectral envelope (formants, tilt), the rest the harmonic ripple of the pitch.
+    """
+    n = torch.arange(bins, dtype=torch.float64)
+    k = torch.arange(keep, dtype=torch.float64)[:, None]
+    dct = torch.cos(math.pi * (n + 0.5) * k / bins) * math.sqrt(2.0 / bins)
+    dct[0] /= math.sqrt(2.0)
+    return (dct.T @ dct).float()
+
+
 def time_statistics(fmap: torch.Tensor, eps: float = STATS_EPS) -> torch.Tensor:
     """(B, C, F, T) -> (B, C*F*2): mean and standard deviation over time of every channel and band.
 
@@ -128,6 +143,7 @@ def model_options(settings: dict) -> dict:
     pooled = settings.get("pooled_heads", "")
     return {"width": float(settings.get("width", 1.0)),
             "utterance_norm": bool(settings.get("utterance_norm", False)),
+            "input_lifter": int(settings.get("input_lifter", 0)),
             "pooled_heads": tuple(h.strip() for h in pooled.split(",") if h.strip()),
             "accent_branch": int(settings.get("accent_branch", 0)),
             "dropout": float(settings.get("trunk_dropout", 0.0))}
@@ -152,7 +168,7 @@ class Discriminator(nn.Module):
     """
 
     def __init__(self, head_sizes: dict[str, int], width: float = 1.0, *, utterance_norm: bool = False,
-                 pooled_heads: tuple[str, ...] = (), accent_branch: int = 0, dropout: float = 0.0):
+                 input_lifter: int = 0, pooled_heads: tuple[str, ...] = (), accent_branch: int = 0, dropout: float = 0.0):
         super().__init__()
         if not head_sizes:
             raise ValueError("Discriminator needs at least one head")
@@ -161,6 +177,7 @@ class Discriminator(nn.Module):
         self.head_sizes = dict(head_sizes)
         self.width = width
         self.normalise_input = utterance_norm
+        self.input_lifter = input_lifter
         self.dropout = dropout
         channels = trunk_channels(width)
         layers: list[nn.Module] = []
@@ -184,6 +201,8 @@ class Discriminator(nn.Module):
             self.branch = nn.Sequential(*[m for i in range(N_BLOCKS - self.branch_blocks, N_BLOCKS)
                                           for m in conv_block(shared if i == N_BLOCKS - self.branch_blocks
                                                               else channels[i - 1], channels[i])])
+        if input_lifter:  # a constant of the settings: not part of the state dict
+            self.register_buffer("envelope", envelope_projection(INPUT_SIZE, input_lifter), persistent=False)
 
     @classmethod
     def from_run(cls, run_dir, checkpoint: str = "best") -> "Discriminator":
@@ -199,7 +218,15 @@ class Discriminator(nn.Module):
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Shared features (B, C, 4, 4): the embeddings and the point where head gradients meet."""
-        return self.main(utterance_norm(x) if self.normalise_input else x)
+        return self.main(self.prepare(x))
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The input transforms of the settings (envelope, then normalisation); x itself when none."""
+        if self.input_lifter:
+            x = torch.matmul(self.envelope, x.float()).to(x.dtype)
+        if self.normalise_input:
+            x = utterance_norm(x).to(x.dtype)  # elementwise: keeps x's memory format
+        return x
 
     def forward(self, x: torch.Tensor, return_trunk: bool = False, return_accent: bool = False):
         """Logits per head ``{name: (B, n_classes)}``; with ``return_trunk`` also the trunk output, with
@@ -209,8 +236,7 @@ class Discriminator(nn.Module):
         gradient with respect to it from the same graph; the accent features so a speaker adversary
         can read them. With both flags the result is ``(logits, trunk, accent)``.
         """
-        if self.normalise_input:
-            x = utterance_norm(x).to(x.dtype)  # elementwise: keeps x's memory format
+        x = self.prepare(x)
         if self.branch_blocks:
             shared = self.main[: self.split](x)
             features = self.main[self.split:](shared)
