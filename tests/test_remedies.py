@@ -178,3 +178,20 @@ def test_input_lifter_keeps_the_envelope_and_drops_the_harmonics():
     expected, _ = split_source_filter(spec[0].numpy(), 30)  # the same split the voice perturbation uses
     torch.testing.assert_close(torch.matmul(envelope_projection(256, 30), spec[0]), torch.from_numpy(expected),
                                atol=1e-5, rtol=0)
+
+
+def test_a_birthplace_network_of_its_own_alone_reads_the_envelope():
+    torch.manual_seed(0)
+    own = Discriminator(HEADS, WIDTH, accent_branch=6, input_lifter=30).eval()
+    assert own.split == 0 and len([m for m in own.branch if isinstance(m, nn.Conv2d)]) == 6
+    plain = Discriminator(HEADS, WIDTH, accent_branch=6).eval()
+    plain.load_state_dict(own.state_dict())  # the same weights; the lifter holds no parameters
+    x = torch.rand(2, 1, 256, 256)
+    lifted, raw = own(x), plain(x)
+    for head in ("speaker", "sex"):  # the shared trunk still reads the full spectrum
+        torch.testing.assert_close(lifted[head], raw[head])
+    assert not torch.allclose(lifted["birthplace"], raw["birthplace"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(own.trunk(x), plain.trunk(x))
+    with_lifter_everywhere = Discriminator(HEADS, WIDTH, input_lifter=30).eval()
+    with_lifter_everywhere.load_state_dict({k: v for k, v in own.state_dict().items() if not k.startswith("branch")})
+    assert not torch.allclose(with_lifter_everywhere(x)["speaker"], raw["speaker"], rtol=1e-4, atol=1e-7)

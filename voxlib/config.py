@@ -208,8 +208,9 @@ class Config:
                              "linear layer instead of the 4x4 conv (no tie to positions in the crop)",
                              "generalisation", LEARNING)
     accent_branch: int = knob(0, "the birthplace head reads its own copy of the last N trunk blocks (0 = the shared "
-                              "trunk), so the adversary can act on it without touching the speaker head",
-                              "generalisation", LEARNING, low=0, high=5)
+                              "trunk, 6 = a network of its own, which alone reads the input_lifter envelope), so "
+                              "remedies can act on it without touching the speaker head", "generalisation",
+                              LEARNING, low=0, high=6)
     speaker_adversary: float = knob(0.0, "weight of the reversed gradient of a speaker classifier reading what the "
                                     "birthplace head reads (removes voice identity; 0 = off)", "generalisation",
                                     LEARNING, low=0.0, high=100.0)

@@ -163,7 +163,10 @@ class Discriminator(nn.Module):
       instead of a 4x4 conv;
     - ``accent_branch``: the birthplace head reads its own copy of the last ``accent_branch`` trunk
       blocks (``self.branch``), so a speaker adversary can strip voice identity from what it reads
-      while the speaker head, which StarGAN needs, keeps the shared trunk;
+      while the speaker head, which StarGAN needs, keeps the shared trunk; with all six blocks the
+      birthplace head has a network of its own, and only that network reads the ``input_lifter``
+      envelope (the other heads keep the pitch harmonics, which tell speakers apart);
+    - ``input_lifter``: the input reduced to its spectral envelope (:func:`envelope_projection`);
     - ``dropout``: dropout on the maps the heads read, in training.
     """
 
@@ -172,8 +175,8 @@ class Discriminator(nn.Module):
         super().__init__()
         if not head_sizes:
             raise ValueError("Discriminator needs at least one head")
-        if not 0 <= accent_branch < N_BLOCKS:
-            raise ValueError(f"accent_branch must be in 0..{N_BLOCKS - 1}, got {accent_branch}")
+        if not 0 <= accent_branch <= N_BLOCKS:
+            raise ValueError(f"accent_branch must be in 0..{N_BLOCKS}, got {accent_branch}")
         self.head_sizes = dict(head_sizes)
         self.width = width
         self.normalise_input = utterance_norm
@@ -197,7 +200,7 @@ class Discriminator(nn.Module):
         self.branch_blocks = accent_branch if ACCENT_HEAD in head_sizes else 0
         self.split = 3 * (N_BLOCKS - self.branch_blocks)  # main[:split] is shared by every head
         if self.branch_blocks:
-            shared = channels[N_BLOCKS - self.branch_blocks - 1]
+            shared = channels[N_BLOCKS - self.branch_blocks - 1] if self.branch_blocks < N_BLOCKS else 1
             self.branch = nn.Sequential(*[m for i in range(N_BLOCKS - self.branch_blocks, N_BLOCKS)
                                           for m in conv_block(shared if i == N_BLOCKS - self.branch_blocks
                                                               else channels[i - 1], channels[i])])
@@ -218,11 +221,11 @@ class Discriminator(nn.Module):
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Shared features (B, C, 4, 4): the embeddings and the point where head gradients meet."""
-        return self.main(self.prepare(x))
+        return self.main(self.prepare(x, envelope=self.branch_blocks < N_BLOCKS))
 
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor, envelope: bool = True) -> torch.Tensor:
         """The input transforms of the settings (envelope, then normalisation); x itself when none."""
-        if self.input_lifter:
+        if self.input_lifter and envelope:
             x = torch.matmul(self.envelope, x.float()).to(x.dtype)
         if self.normalise_input:
             x = utterance_norm(x).to(x.dtype)  # elementwise: keeps x's memory format
@@ -236,12 +239,15 @@ class Discriminator(nn.Module):
         gradient with respect to it from the same graph; the accent features so a speaker adversary
         can read them. With both flags the result is ``(logits, trunk, accent)``.
         """
-        x = self.prepare(x)
-        if self.branch_blocks:
-            shared = self.main[: self.split](x)
+        if self.branch_blocks == N_BLOCKS:  # a network of its own
+            features = self.main(self.prepare(x, envelope=False))
+            accent_map = self.branch(self.prepare(x))
+        elif self.branch_blocks:
+            shared = self.main[: self.split](self.prepare(x))
             features = self.main[self.split:](shared)
             accent_map = self.branch(shared)
         else:
+            x = self.prepare(x)
             features = accent_map = self.main(x)
         logits = {}
         for name, head in self.heads.items():
