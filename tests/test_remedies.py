@@ -25,13 +25,14 @@ from voxlib.perturb import split_source_filter
 
 HEADS = {"speaker": 6, "birthplace": 3, "sex": 2}
 WIDTH = 1 / 16
-REMEDIED = dict(utterance_norm=True, input_lifter=0, pooled_heads=("birthplace",), accent_branch=2, dropout=0.2)
+REMEDIED = dict(utterance_norm=True, input_lifter=0, pooled_heads=("birthplace",), accent_branch=2, accent_width=0.0,
+                dropout=0.2)
 
 
 def test_remedies_off_build_the_seed_model_with_the_same_initial_weights_and_rng_use():
     options = model_options(Config().to_dict())
     assert options == {"width": 0.25, "utterance_norm": False, "input_lifter": 0, "pooled_heads": (),
-                       "accent_branch": 0, "dropout": 0.0}
+                       "accent_branch": 0, "accent_width": 0.0, "dropout": 0.0}
     torch.manual_seed(3)
     seed = Discriminator(HEADS, WIDTH)
     after_seed = torch.get_rng_state()
@@ -47,7 +48,7 @@ def test_remedies_off_build_the_seed_model_with_the_same_initial_weights_and_rng
 
 def test_settings_written_before_the_remedies_existed_give_the_seed_model():
     assert model_options({"width": 0.5}) == {"width": 0.5, "utterance_norm": False, "input_lifter": 0,
-                                             "pooled_heads": (), "accent_branch": 0, "dropout": 0.0}
+                                             "pooled_heads": (), "accent_branch": 0, "accent_width": 0.0, "dropout": 0.0}
     remedied = Config(utterance_norm=True, pooled_heads="birthplace", accent_branch=2, trunk_dropout=0.2,
                       width=WIDTH).to_dict()
     assert model_options(remedied) == {"width": WIDTH, **REMEDIED}
@@ -195,3 +196,14 @@ def test_a_birthplace_network_of_its_own_alone_reads_the_envelope():
     with_lifter_everywhere = Discriminator(HEADS, WIDTH, input_lifter=30).eval()
     with_lifter_everywhere.load_state_dict({k: v for k, v in own.state_dict().items() if not k.startswith("branch")})
     assert not torch.allclose(with_lifter_everywhere(x)["speaker"], raw["speaker"], rtol=1e-4, atol=1e-7)
+
+
+def test_the_birthplace_network_may_be_narrower_than_the_trunk():
+    model = Discriminator(HEADS, 1 / 8, accent_branch=6, accent_width=1 / 16, pooled_heads=("birthplace",))
+    convs = [m for m in model.branch if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 8, 16, 32, 64, 128]
+    assert model.heads["birthplace"].linear.in_features == model.accent_features_dim == 128 * 4 * 2
+    assert model.heads["speaker"].in_channels == 256
+    logits, accent = model(torch.rand(2, 1, 256, 256), return_accent=True)
+    assert logits["birthplace"].shape == (2, 3) and accent.shape == (2, 1024)
+    assert model_options(Config(accent_branch=6, accent_width=0.125).to_dict())["accent_width"] == 0.125

@@ -211,6 +211,8 @@ class Config:
                               "trunk, 6 = a network of its own, which alone reads the input_lifter envelope), so "
                               "remedies can act on it without touching the speaker head", "generalisation",
                               LEARNING, low=0, high=6)
+    accent_width: float = knob(0.0, "channel multiplier of the birthplace network of its own (accent_branch 6); "
+                               "0 = the trunk's width", "generalisation", LEARNING, low=0.0, high=4.0)
     speaker_adversary: float = knob(0.0, "weight of the reversed gradient of a speaker classifier reading what the "
                                     "birthplace head reads (removes voice identity; 0 = off)", "generalisation",
                                     LEARNING, low=0.0, high=100.0)

@@ -146,6 +146,7 @@ def model_options(settings: dict) -> dict:
             "input_lifter": int(settings.get("input_lifter", 0)),
             "pooled_heads": tuple(h.strip() for h in pooled.split(",") if h.strip()),
             "accent_branch": int(settings.get("accent_branch", 0)),
+            "accent_width": float(settings.get("accent_width", 0.0)),
             "dropout": float(settings.get("trunk_dropout", 0.0))}
 
 
@@ -171,7 +172,8 @@ class Discriminator(nn.Module):
     """
 
     def __init__(self, head_sizes: dict[str, int], width: float = 1.0, *, utterance_norm: bool = False,
-                 input_lifter: int = 0, pooled_heads: tuple[str, ...] = (), accent_branch: int = 0, dropout: float = 0.0):
+                 input_lifter: int = 0, pooled_heads: tuple[str, ...] = (), accent_branch: int = 0,
+                 accent_width: float = 0.0, dropout: float = 0.0):
         super().__init__()
         if not head_sizes:
             raise ValueError("Discriminator needs at least one head")
@@ -191,19 +193,23 @@ class Discriminator(nn.Module):
         self.main = nn.Sequential(*layers)
         self.out_channels = in_ch
         final = INPUT_SIZE // 2**N_BLOCKS  # 4: the head kernel covers the whole remaining map
-        self.pooled_heads = tuple(h for h in head_sizes if h in pooled_heads)
-        self.heads = nn.ModuleDict(
-            {name: StatsHead(in_ch, final, n) if name in self.pooled_heads
-             else Conv2d(in_ch, n, kernel_size=final, stride=1, padding=0) for name, n in head_sizes.items()}
-        )
-        # created after the seed's modules, so the seed's initial weights do not depend on it
         self.branch_blocks = accent_branch if ACCENT_HEAD in head_sizes else 0
         self.split = 3 * (N_BLOCKS - self.branch_blocks)  # main[:split] is shared by every head
+        # a network of its own may be narrower than the trunk; a partial branch continues the trunk's channels
+        branch_channels = trunk_channels(accent_width) if self.branch_blocks == N_BLOCKS and accent_width \
+            else channels
+        self.pooled_heads = tuple(h for h in head_sizes if h in pooled_heads)
+        self.heads = nn.ModuleDict(
+            {name: StatsHead(ch, final, n) if name in self.pooled_heads
+             else Conv2d(ch, n, kernel_size=final, stride=1, padding=0)
+             for name, n in head_sizes.items()
+             for ch in [branch_channels[-1] if name == ACCENT_HEAD and self.branch_blocks else in_ch]}
+        )
+        # created after the seed's modules, so the seed's initial weights do not depend on it
         if self.branch_blocks:
-            shared = channels[N_BLOCKS - self.branch_blocks - 1] if self.branch_blocks < N_BLOCKS else 1
-            self.branch = nn.Sequential(*[m for i in range(N_BLOCKS - self.branch_blocks, N_BLOCKS)
-                                          for m in conv_block(shared if i == N_BLOCKS - self.branch_blocks
-                                                              else channels[i - 1], channels[i])])
+            first = N_BLOCKS - self.branch_blocks
+            self.branch = nn.Sequential(*[m for i in range(first, N_BLOCKS)
+                                          for m in conv_block(branch_channels[i - 1] if i else 1, branch_channels[i])])
         if input_lifter:  # a constant of the settings: not part of the state dict
             self.register_buffer("envelope", envelope_projection(INPUT_SIZE, input_lifter), persistent=False)
 
@@ -217,7 +223,7 @@ class Discriminator(nn.Module):
         """Length of the vector :meth:`forward` returns with ``return_accent`` (the adversary's input)."""
         head = self.heads[ACCENT_HEAD]
         final = INPUT_SIZE // 2**N_BLOCKS
-        return head.linear.in_features if isinstance(head, StatsHead) else self.out_channels * final * final
+        return head.linear.in_features if isinstance(head, StatsHead) else head.in_channels * final * final
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Shared features (B, C, 4, 4): the embeddings and the point where head gradients meet."""
