@@ -163,3 +163,18 @@ def test_a_perturbed_crop_keeps_its_birthplace_but_not_its_speaker_or_sex(cache_
     assert 0.3 * n < perturbed < 0.7 * n
     assert VoicePerturbation.from_config(Config(perturb_pitch=0.2)).share == Config().perturb_share == 0.5
     assert not VoicePerturbation(pitch=0.2, share=0.0).active
+
+
+def test_with_a_view_for_the_birthplace_network_the_recorded_crop_and_every_target_stay(cache_and_targets):
+    cache, targets, n = cache_and_targets
+    rows = np.arange(n)
+    plain = CropDataset(cache, rows, targets, train=True, seed=0)
+    views = CropDataset(cache, rows, targets, train=True, seed=0, perturb_view=True,
+                        perturb=VoicePerturbation(formant=0.12, pitch=0.25, tempo=0.1, share=0.5))
+    voiced = 0
+    for i in range(n):
+        (x, y, _), (x0, y0, _) = views[i], plain[i]
+        assert x.shape == (2, 256, 256) and y == y0
+        assert np.array_equal(x[:1].numpy(), x0.numpy())  # the speaker trunk's crop is the recorded one
+        voiced += not np.array_equal(x[1].numpy(), x[0].numpy())
+    assert 0.3 * n < voiced < 0.7 * n

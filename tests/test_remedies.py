@@ -207,3 +207,15 @@ def test_the_birthplace_network_may_be_narrower_than_the_trunk():
     logits, accent = model(torch.rand(2, 1, 256, 256), return_accent=True)
     assert logits["birthplace"].shape == (2, 3) and accent.shape == (2, 1024)
     assert model_options(Config(accent_branch=6, accent_width=0.125).to_dict())["accent_width"] == 0.125
+
+
+def test_a_two_channel_batch_gives_the_perturbed_view_to_the_birthplace_network_alone():
+    torch.manual_seed(0)
+    model = Discriminator(HEADS, WIDTH, accent_branch=6, input_lifter=30).eval()
+    recorded, voiced = torch.rand(2, 1, 256, 256), torch.rand(2, 1, 256, 256)
+    both = model(torch.cat([recorded, voiced], dim=1))
+    for head in ("speaker", "sex"):
+        torch.testing.assert_close(both[head], model(recorded)[head])
+    torch.testing.assert_close(both["birthplace"], model(voiced)["birthplace"])
+    with pytest.raises(ValueError, match="accent_branch 6"):
+        Discriminator(HEADS, WIDTH, accent_branch=2)(torch.cat([recorded, voiced], dim=1))

@@ -243,11 +243,16 @@ class Discriminator(nn.Module):
 
         The trunk output is returned (not recomputed) so the training loop can measure each head's
         gradient with respect to it from the same graph; the accent features so a speaker adversary
-        can read them. With both flags the result is ``(logits, trunk, accent)``.
+        can read them. With both flags the result is ``(logits, trunk, accent)``. A training batch of
+        two channels (``CropDataset(perturb_view=True)``) gives the recorded crop to the shared trunk
+        and the perturbed one to the birthplace network of its own.
         """
-        if self.branch_blocks == N_BLOCKS:  # a network of its own
-            features = self.main(self.prepare(x, envelope=False))
-            accent_map = self.branch(self.prepare(x))
+        recorded, voiced = (x[:, :1], x[:, 1:]) if x.shape[1] == 2 else (x, x)
+        if x.shape[1] == 2 and self.branch_blocks != N_BLOCKS:
+            raise ValueError("a two-channel input (recorded and perturbed crop) needs accent_branch 6")
+        if self.branch_blocks == N_BLOCKS:  # a network of its own, which reads the perturbed view if given
+            features = self.main(self.prepare(recorded, envelope=False))
+            accent_map = self.branch(self.prepare(voiced))
         elif self.branch_blocks:
             shared = self.main[: self.split](self.prepare(x))
             features = self.main[self.split:](shared)
