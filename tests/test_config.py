@@ -1,7 +1,7 @@
 """Config: one dataclass for CLI flags and notebook parameters; bad values fail loudly."""
 import pytest
 
-from voxlib.config import SEED_PRESET, Config, ConfigError
+from voxlib.config import ACCENT_PRESET, SEED_PRESET, Config, ConfigError
 
 
 def test_defaults_are_cpu_friendly_and_seed_preset_is_the_2019_protocol():
@@ -62,3 +62,21 @@ def test_notebook_namespace_catches_unknown_injected_parameters():
 def test_head_weights_parse():
     assert Config(head_weights="birthplace=2, sex=0.5").head_weight_map() == {"birthplace": 2.0, "sex": 0.5}
     assert Config(labels="speaker, sex").head_names() == ["speaker", "sex"]
+
+
+def test_accent_preset_resolves_to_the_remedies_and_explicit_values_still_win():
+    accent = Config.from_dict({"preset": "accent"})
+    assert {name: getattr(accent, name) for name in ACCENT_PRESET} == ACCENT_PRESET
+    assert accent.width == Config().width and accent.epochs == Config().epochs  # fields not in it keep theirs
+    assert accent.accent_branch == 6 and accent.input_lifter > 0 and accent.pooled_heads == "birthplace"
+    assert accent.preset_notes == []
+    mine = Config.from_dict({"preset": "accent", "perturb_pitch": 0.1, "width": 0.125})
+    assert (mine.perturb_pitch, mine.width, mine.perturb_formant) == (0.1, 0.125, ACCENT_PRESET["perturb_formant"])
+    assert mine.preset_notes == [f"preset 'accent' sets perturb_pitch={ACCENT_PRESET['perturb_pitch']!r}; the "
+                                 f"explicit perturb_pitch=0.1 wins"]
+    again = Config.from_dict(accent.to_dict())  # a run's recorded settings replay to the same values
+    assert again.to_dict() == accent.to_dict() and again.preset_notes == []
+    for off in ("", "seed"):  # every remedy is off unless asked for
+        cfg = Config(preset=off)
+        assert (cfg.accent_branch, cfg.input_lifter, cfg.pooled_heads, cfg.perturb_formant, cfg.speaker_adversary,
+                cfg.utterance_norm, cfg.trunk_dropout, cfg.weight_decay) == (0, 0, "", 0.0, 0.0, False, 0.0, 0.0)
