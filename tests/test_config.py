@@ -95,3 +95,21 @@ def test_a_flag_at_its_default_cannot_silently_lose_to_the_preset():
     default = Config().to_dict()[name]
     with pytest.raises(ConfigError, match=f"preset 'accent' sets {name}; a value equal to the default cannot undo it"):
         parse_config(["--preset", "accent", f"--{name.replace('_', '-')}", str(default)])
+
+
+def test_accent_preset_resolves_to_the_remedies_and_explicit_values_still_win():
+    accent = Config.from_dict({"preset": "accent"})
+    assert {name: getattr(accent, name) for name in ACCENT_PRESET} == ACCENT_PRESET
+    assert accent.width == Config().width and accent.epochs == Config().epochs  # fields not in it keep theirs
+    assert accent.accent_branch == 6 and accent.input_lifter > 0 and accent.pooled_heads == "birthplace"
+    assert accent.preset_notes == []
+    mine = Config.from_dict({"preset": "accent", "perturb_pitch": 0.1, "width": 0.125})
+    assert (mine.perturb_pitch, mine.width, mine.perturb_formant) == (0.1, 0.125, ACCENT_PRESET["perturb_formant"])
+    assert mine.preset_notes == [f"preset 'accent' sets perturb_pitch={ACCENT_PRESET['perturb_pitch']!r}; the "
+                                 f"explicit perturb_pitch=0.1 wins"]
+    again = Config.from_dict(accent.to_dict())  # a run's recorded settings replay to the same values
+    assert again.to_dict() == accent.to_dict() and again.preset_notes == []
+    for off in ("", "seed"):  # every remedy is off unless asked for
+        cfg = Config(preset=off)
+        assert (cfg.accent_branch, cfg.input_lifter, cfg.pooled_heads, cfg.perturb_formant, cfg.speaker_adversary,
+                cfg.utterance_norm, cfg.trunk_dropout, cfg.weight_decay) == (0, 0, "", 0.0, 0.0, False, 0.0, 0.0)

@@ -143,3 +143,38 @@ def test_training_crops_are_drawn_from_seed_epoch_and_row(cache_and_targets):
     assert not any(np.array_equal(first[r], plain[r]) for r in first)
     off = crops(1, perturbation=VoicePerturbation())  # all zero: exactly the crops of a run without it
     assert all(np.array_equal(plain[r], off[r]) for r in plain)
+
+
+def test_a_perturbed_crop_keeps_its_birthplace_but_not_its_speaker_or_sex(cache_and_targets):
+    cache, targets, n = cache_and_targets
+    rows = np.arange(n)
+    plain = CropDataset(cache, rows, targets, train=True, seed=0)
+    half = CropDataset(cache, rows, targets, train=True, seed=0,
+                       perturb=VoicePerturbation(formant=0.12, pitch=0.25, share=0.5))
+    perturbed = 0
+    for i in range(n):
+        (x, y, row), (x0, y0, _) = half[i], plain[i]
+        if y["speaker"] < 0:
+            perturbed += 1
+            assert y["sex"] == -1 and y["birthplace"] == y0["birthplace"] >= 0
+            assert not np.array_equal(x.numpy(), x0.numpy())
+        else:  # left as recorded: the very crop and targets of a run without perturbation
+            assert np.array_equal(x.numpy(), x0.numpy()) and y == y0
+    assert 0.3 * n < perturbed < 0.7 * n
+    assert VoicePerturbation.from_config(Config(perturb_pitch=0.2)).share == Config().perturb_share == 0.5
+    assert not VoicePerturbation(pitch=0.2, share=0.0).active
+
+
+def test_with_a_view_for_the_birthplace_network_the_recorded_crop_and_every_target_stay(cache_and_targets):
+    cache, targets, n = cache_and_targets
+    rows = np.arange(n)
+    plain = CropDataset(cache, rows, targets, train=True, seed=0)
+    views = CropDataset(cache, rows, targets, train=True, seed=0, perturb_view=True,
+                        perturb=VoicePerturbation(formant=0.12, pitch=0.25, tempo=0.1, share=0.5))
+    voiced = 0
+    for i in range(n):
+        (x, y, _), (x0, y0, _) = views[i], plain[i]
+        assert x.shape == (2, 256, 256) and y == y0
+        assert np.array_equal(x[:1].numpy(), x0.numpy())  # the speaker trunk's crop is the recorded one
+        voiced += not np.array_equal(x[1].numpy(), x[0].numpy())
+    assert 0.3 * n < voiced < 0.7 * n

@@ -8,24 +8,33 @@ prediction from its checkpoint's settings alone.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter1d
+from scipy.signal import find_peaks
 from torch import nn
 
 from voxlib import runfolder
 from voxlib.checkpoint import save_checkpoint
 from voxlib.config import Config, ConfigError
-from voxlib.model import (Discriminator, StatsHead, count_flops, decay_groups, load_discriminator,
-                          model_options, time_statistics, utterance_norm)
+from voxlib.features import spectrogram
+from voxlib.model import (Discriminator, StatsHead, count_flops, decay_groups, envelope_projection,
+                          load_discriminator, model_options, time_statistics, utterance_norm)
+from voxlib.perturb import split_source_filter
 
 HEADS = {"speaker": 6, "birthplace": 3, "sex": 2}
 WIDTH = 1 / 16
-REMEDIED = dict(utterance_norm=True, pooled_heads=("birthplace",), accent_branch=2, dropout=0.2)
+REMEDIED = dict(utterance_norm=True, input_lifter=0, pooled_heads=("birthplace",), accent_branch=2, accent_width=0.0,
+                dropout=0.2)
 
 
 def test_remedies_off_build_the_seed_model_with_the_same_initial_weights_and_rng_use():
     options = model_options(Config().to_dict())
-    assert options == {"width": 0.25, "utterance_norm": False, "pooled_heads": (), "accent_branch": 0, "dropout": 0.0}
+    assert options == {"width": 0.25, "utterance_norm": False, "input_lifter": 0, "pooled_heads": (),
+                       "accent_branch": 0, "accent_width": 0.0, "dropout": 0.0}
     torch.manual_seed(3)
     seed = Discriminator(HEADS, WIDTH)
     after_seed = torch.get_rng_state()
@@ -40,8 +49,9 @@ def test_remedies_off_build_the_seed_model_with_the_same_initial_weights_and_rng
 
 
 def test_settings_written_before_the_remedies_existed_give_the_seed_model():
-    assert model_options({"width": 0.5}) == {"width": 0.5, "utterance_norm": False, "pooled_heads": (),
-                                             "accent_branch": 0, "dropout": 0.0}
+    assert model_options({"width": 0.5}) == {"width": 0.5, "utterance_norm": False, "input_lifter": 0,
+                                             "pooled_heads": (), "accent_branch": 0, "accent_width": 0.0,
+                                             "dropout": 0.0}
     remedied = Config(utterance_norm=True, pooled_heads="birthplace", accent_branch=2, trunk_dropout=0.2,
                       width=WIDTH).to_dict()
     assert model_options(remedied) == {"width": WIDTH, **REMEDIED}
@@ -152,3 +162,63 @@ def test_a_remedied_checkpoint_reloads_for_prediction_from_its_settings(tmp_path
     for head, logits in loaded(x).items():
         torch.testing.assert_close(logits, model(x)[head])
 
+
+
+def test_input_lifter_keeps_the_envelope_and_drops_the_harmonics():
+    sr, f0 = 16000, 180.0
+    t = torch.arange(int(2.2 * sr)) / sr
+    wave = sum((math.exp(-0.5 * ((k * f0 - 700.0) / 250.0) ** 2) + 0.01) * torch.sin(2 * torch.pi * k * f0 * t)
+               for k in range(1, 43))
+    spec = spectrogram((0.5 * wave / wave.abs().max()).numpy(), Config())[:, :, 20:276]  # (1, 256, 256)
+    model = Discriminator(HEADS, WIDTH, input_lifter=30)
+    envelope = model.prepare(spec[None])[0, 0].mean(1).numpy()
+    raw = spec[0].mean(1).numpy()
+    harmonics, _ = find_peaks(raw[:64], prominence=0.05)
+    assert len(harmonics) >= 9  # a peak per harmonic below 2 kHz (every 5.7 bins)
+    peaks, _ = find_peaks(envelope[:64], prominence=0.05)
+    assert len(peaks) <= 2  # the harmonic ripple is gone
+    smooth = gaussian_filter1d(raw, sigma=6)  # the envelope as a smoothed spectrum sees it
+    assert np.corrcoef(smooth, envelope)[0, 1] > 0.95
+    expected, _ = split_source_filter(spec[0].numpy(), 30)  # the same split the voice perturbation uses
+    torch.testing.assert_close(torch.matmul(envelope_projection(256, 30), spec[0]), torch.from_numpy(expected),
+                               atol=1e-5, rtol=0)
+
+
+def test_a_birthplace_network_of_its_own_alone_reads_the_envelope():
+    torch.manual_seed(0)
+    own = Discriminator(HEADS, WIDTH, accent_branch=6, input_lifter=30).eval()
+    assert own.split == 0 and len([m for m in own.branch if isinstance(m, nn.Conv2d)]) == 6
+    plain = Discriminator(HEADS, WIDTH, accent_branch=6).eval()
+    plain.load_state_dict(own.state_dict())  # the same weights; the lifter holds no parameters
+    x = torch.rand(2, 1, 256, 256)
+    lifted, raw = own(x), plain(x)
+    for head in ("speaker", "sex"):  # the shared trunk still reads the full spectrum
+        torch.testing.assert_close(lifted[head], raw[head])
+    assert not torch.allclose(lifted["birthplace"], raw["birthplace"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(own.trunk(x), plain.trunk(x))
+    with_lifter_everywhere = Discriminator(HEADS, WIDTH, input_lifter=30).eval()
+    with_lifter_everywhere.load_state_dict({k: v for k, v in own.state_dict().items() if not k.startswith("branch")})
+    assert not torch.allclose(with_lifter_everywhere(x)["speaker"], raw["speaker"], rtol=1e-4, atol=1e-7)
+
+
+def test_the_birthplace_network_may_be_narrower_than_the_trunk():
+    model = Discriminator(HEADS, 1 / 8, accent_branch=6, accent_width=1 / 16, pooled_heads=("birthplace",))
+    convs = [m for m in model.branch if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 8, 16, 32, 64, 128]
+    assert model.heads["birthplace"].linear.in_features == model.accent_features_dim == 128 * 4 * 2
+    assert model.heads["speaker"].in_channels == 256
+    logits, accent = model(torch.rand(2, 1, 256, 256), return_accent=True)
+    assert logits["birthplace"].shape == (2, 3) and accent.shape == (2, 1024)
+    assert model_options(Config(accent_branch=6, accent_width=0.125).to_dict())["accent_width"] == 0.125
+
+
+def test_a_two_channel_batch_gives_the_perturbed_view_to_the_birthplace_network_alone():
+    torch.manual_seed(0)
+    model = Discriminator(HEADS, WIDTH, accent_branch=6, input_lifter=30).eval()
+    recorded, voiced = torch.rand(2, 1, 256, 256), torch.rand(2, 1, 256, 256)
+    both = model(torch.cat([recorded, voiced], dim=1))
+    for head in ("speaker", "sex"):
+        torch.testing.assert_close(both[head], model(recorded)[head])
+    torch.testing.assert_close(both["birthplace"], model(voiced)["birthplace"])
+    with pytest.raises(ValueError, match="accent_branch 6"):
+        Discriminator(HEADS, WIDTH, accent_branch=2)(torch.cat([recorded, voiced], dim=1))

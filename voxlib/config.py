@@ -31,11 +31,14 @@ GROUPS = ("corpus", "demo corpus", "features", "splits", "model", "optimisation"
 
 # The 2019 experiment, for a GPU: Config(preset="seed") or --preset seed.
 SEED_PRESET: dict[str, Any] = dict(width=1.0, batch_size=10, lr=1e-5, epochs=1000, optimizer="rmsprop")
-# The generalisation remedies that made birthplace hold on new voices in the study over speaker folds
-# (python -m voxlib.remedies; docs/remedies.md has the numbers that chose them): Config(preset="accent").
-ACCENT_PRESET: dict[str, Any] = dict(utterance_norm=False, pooled_heads="birthplace", accent_branch=2,
-                                     speaker_adversary=0.3, adversary_warmup=2, perturb_formant=0.12,
-                                     perturb_pitch=0.25, perturb_tempo=0.12)
+# A birthplace head that holds on new voices: Config(preset="accent") or --preset accent. The birthplace
+# head reads a network of its own that sees the spectral envelope (no pitch harmonics), time statistics
+# of its map, and training crops with new voices (vocal-tract length, pitch, tempo); the speaker and
+# sex heads keep the seed trunk. Chosen by the remedies study over speaker folds
+# (python -m voxlib.remedies; docs/remedies.md has the numbers).
+ACCENT_PRESET: dict[str, Any] = dict(accent_branch=6, input_lifter=30, pooled_heads="birthplace",
+                                     perturb_formant=0.12, perturb_pitch=0.25, perturb_tempo=0.12,
+                                     perturb_share=0.5)
 PRESETS: dict[str, dict[str, Any]] = {"seed": SEED_PRESET, "accent": ACCENT_PRESET}
 MODEL_INPUT = 256  # the discriminator sees 256 frequency bins x 256 frames
 
@@ -210,12 +213,18 @@ class Config:
     utterance_norm: bool = knob(False, "normalise each crop's frequency bins to zero mean and unit variance over time "
                                 "inside the model (removes channel and a voice's average spectrum; predict applies "
                                 "it too)", "generalisation", LEARNING)
+    input_lifter: int = knob(0, "keep this many cepstral coefficients of every frame: the spectral envelope "
+                             "without the pitch harmonics, which identify the voice rather than the accent "
+                             "(inside the model; 0 = off)", "generalisation", LEARNING, low=0, high=MODEL_INPUT)
     pooled_heads: str = knob("", "heads (comma list) that read mean and std over time of the trunk map through one "
                              "linear layer instead of the 4x4 conv (no tie to positions in the crop)",
                              "generalisation", LEARNING)
     accent_branch: int = knob(0, "the birthplace head reads its own copy of the last N trunk blocks (0 = the shared "
-                              "trunk), so the adversary can act on it without touching the speaker head",
-                              "generalisation", LEARNING, low=0, high=5)
+                              "trunk, 6 = a network of its own, which alone reads the input_lifter envelope), so "
+                              "remedies can act on it without touching the speaker head", "generalisation",
+                              LEARNING, low=0, high=6)
+    accent_width: float = knob(0.0, "channel multiplier of the birthplace network of its own (accent_branch 6); "
+                               "0 = the trunk's width", "generalisation", LEARNING, low=0.0, high=4.0)
     speaker_adversary: float = knob(0.0, "weight of the reversed gradient of a speaker classifier reading what the "
                                     "birthplace head reads (removes voice identity; 0 = off)", "generalisation",
                                     LEARNING, low=0.0, high=100.0)
@@ -232,6 +241,9 @@ class Config:
                                 low=0.0, high=1.0)
     perturb_tempo: float = knob(0.0, "voice perturbation: speaking rate scaled by a factor in [1/(1+x), 1+x] "
                                 "(0 = off)", "generalisation", LEARNING, low=0.0, high=0.5)
+    perturb_share: float = knob(0.5, "share of training crops given a new voice by the perturb_* settings; they "
+                                "train no speaker or sex head (it is no longer the recorded voice)",
+                                "generalisation", LEARNING, low=0.0, high=1.0)
     trunk_dropout: float = knob(0.0, "dropout on the maps the heads read, in training", "generalisation", LEARNING,
                                 low=0.0, high=0.9)
     weight_decay: float = knob(0.0, "L2 weight decay on every conv and linear weight (not BatchNorm, not biases)",

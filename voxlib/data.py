@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 from voxlib.corpora.manifest import read_manifest
 from voxlib.corpora.source import manifest_path
 from voxlib.features import FeatureCache
-from voxlib.perturb import VoicePerturbation
+from voxlib.perturb import VOICE_HEADS, VoicePerturbation
 from voxlib.runfolder import HELD_OUT_SPLITS, SPLITS
 
 log = logging.getLogger(__name__)
@@ -251,13 +251,17 @@ class CropDataset(Dataset):
     uninterrupted one would; call :meth:`set_epoch` each epoch. Evaluation: ``eval_crops`` fixed evenly
     spaced crops stacked to (eval_crops, 1, 256, n_frames); the caller averages their predictions.
     ``masks`` = (freq_masks, freq_mask_width, time_masks, time_mask_width), training only.
-    ``perturb`` gives each training crop a new voice (perturb.py), drawn from (seed, epoch, row); off
-    (None or all zero), no number is drawn and the crops are those of a run without it.
+    ``perturb`` gives a share of the training crops a new voice (perturb.py), drawn from (seed, epoch,
+    row); such a crop has no speaker or sex target (-1). With ``perturb_view`` (for a birthplace
+    network of its own) the recorded crop stays and the perturbed one (or, when none is drawn, the
+    same crop) follows it as a second channel, x of shape (2, 256, n_frames), every target kept: the
+    model's own birthplace network reads the new voice, the speaker trunk the recorded one. Off (None
+    or all zero), no number is drawn and the crops are those of a run without it.
     """
 
     def __init__(self, cache, rows: Sequence[int], targets: dict[str, np.ndarray], n_frames: int = 256,
                  train: bool = True, eval_crops: int = 3, seed: int = 0, masks: tuple[int, int, int, int] = (0, 0, 0, 0),
-                 perturb: VoicePerturbation | None = None):
+                 perturb: VoicePerturbation | None = None, perturb_view: bool = False):
         self.cache = cache
         self.rows = np.asarray(rows, dtype=np.int64)
         self.targets = targets
@@ -267,6 +271,7 @@ class CropDataset(Dataset):
         self.seed = seed
         self.masks = masks
         self.perturb = perturb if perturb is not None and perturb.active else None
+        self.perturb_view = perturb_view and self.perturb is not None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -278,22 +283,31 @@ class CropDataset(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         spec = self.cache.get(row)
+        factors = None
         if self.train:
             length = self.n_frames
             if self.perturb is not None:
                 factors = self.perturb.draw(_rng(self.seed, "perturb", self.epoch, row))
-                length = self.perturb.window_frames(factors, self.n_frames)
-            span = max(spec.shape[1] - length, 0)
+                if factors is not None:
+                    length = self.perturb.window_frames(factors, self.n_frames)
+            # with a view the recorded crop is placed as without perturbation; the new voice reads from there
+            span = max(spec.shape[1] - (self.n_frames if self.perturb_view else length), 0)
             start = int(_rng(self.seed, "crop", self.epoch, row).integers(0, span + 1))
             crop = fit_crop(spec, start, length)
-            if self.perturb is not None:
-                crop = self.perturb.apply(crop, factors, self.n_frames)
+            if factors is not None:
+                voiced = self.perturb.apply(crop, factors, self.n_frames)
+                crop = fit_crop(spec, start, self.n_frames) if self.perturb_view else voiced
             if self.masks[0] or self.masks[2]:
                 crop = spec_augment(crop, _rng(self.seed, "mask", self.epoch, row), *self.masks)
-            x = crop[None]
+            if self.perturb_view:
+                x = np.stack([crop, voiced if factors is not None else crop])
+            else:
+                x = crop[None]
         else:
             x = eval_crops_of(spec, self.n_frames, self.eval_crops)
         y = {head: torch.tensor(t[row], dtype=torch.int64) for head, t in self.targets.items()}
+        if factors is not None and not self.perturb_view:  # somebody else speaking: not the recorded speaker or sex
+            y.update({head: torch.tensor(-1) for head in VOICE_HEADS if head in y})
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), y, row
 
 

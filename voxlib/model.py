@@ -14,6 +14,7 @@ and lives in ``adversary.py``; :func:`model_options` maps a run's settings to th
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -95,6 +96,19 @@ def utterance_norm(x: torch.Tensor, eps: float = STATS_EPS) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(var + eps)
 
 
+def envelope_projection(bins: int, keep: int) -> torch.Tensor:
+    """(bins, bins) matrix that keeps the first ``keep`` DCT-II coefficients of a frame (cepstral liftering).
+
+    A feature frame is a log spectrum (dB mapped linearly to [0, 1]); its low-quefrency part is the
+    spectral envelope (formants, tilt), the rest the harmonic ripple of the pitch.
+    """
+    n = torch.arange(bins, dtype=torch.float64)
+    k = torch.arange(keep, dtype=torch.float64)[:, None]
+    dct = torch.cos(math.pi * (n + 0.5) * k / bins) * math.sqrt(2.0 / bins)
+    dct[0] /= math.sqrt(2.0)
+    return (dct.T @ dct).float()
+
+
 def time_statistics(fmap: torch.Tensor, eps: float = STATS_EPS) -> torch.Tensor:
     """(B, C, F, T) -> (B, C*F*2): mean and standard deviation over time of every channel and band.
 
@@ -136,8 +150,10 @@ def model_options(settings: dict) -> dict:
     pooled = settings.get("pooled_heads", "")
     return {"width": float(settings.get("width", 1.0)),
             "utterance_norm": bool(settings.get("utterance_norm", False)),
+            "input_lifter": int(settings.get("input_lifter", 0)),
             "pooled_heads": tuple(h.strip() for h in pooled.split(",") if h.strip()),
             "accent_branch": int(settings.get("accent_branch", 0)),
+            "accent_width": float(settings.get("accent_width", 0.0)),
             "dropout": float(settings.get("trunk_dropout", 0.0))}
 
 
@@ -155,20 +171,25 @@ class Discriminator(nn.Module):
       instead of a 4x4 conv;
     - ``accent_branch``: the birthplace head reads its own copy of the last ``accent_branch`` trunk
       blocks (``self.branch``), so a speaker adversary can strip voice identity from what it reads
-      while the speaker head, which StarGAN needs, keeps the shared trunk;
+      while the speaker head, which StarGAN needs, keeps the shared trunk; with all six blocks the
+      birthplace head has a network of its own, and only that network reads the ``input_lifter``
+      envelope (the other heads keep the pitch harmonics, which tell speakers apart);
+    - ``input_lifter``: the input reduced to its spectral envelope (:func:`envelope_projection`);
     - ``dropout``: dropout on the maps the heads read, in training.
     """
 
     def __init__(self, head_sizes: dict[str, int], width: float = 1.0, *, utterance_norm: bool = False,
-                 pooled_heads: tuple[str, ...] = (), accent_branch: int = 0, dropout: float = 0.0):
+                 input_lifter: int = 0, pooled_heads: tuple[str, ...] = (), accent_branch: int = 0,
+                 accent_width: float = 0.0, dropout: float = 0.0):
         super().__init__()
         if not head_sizes:
             raise ValueError("Discriminator needs at least one head")
-        if not 0 <= accent_branch < N_BLOCKS:
-            raise ValueError(f"accent_branch must be in 0..{N_BLOCKS - 1}, got {accent_branch}")
+        if not 0 <= accent_branch <= N_BLOCKS:
+            raise ValueError(f"accent_branch must be in 0..{N_BLOCKS}, got {accent_branch}")
         self.head_sizes = dict(head_sizes)
         self.width = width
         self.normalise_input = utterance_norm
+        self.input_lifter = input_lifter
         self.dropout = dropout
         channels = trunk_channels(width)
         layers: list[nn.Module] = []
@@ -179,19 +200,25 @@ class Discriminator(nn.Module):
         self.main = nn.Sequential(*layers)
         self.out_channels = in_ch
         final = INPUT_SIZE // 2**N_BLOCKS  # 4: the head kernel covers the whole remaining map
-        self.pooled_heads = tuple(h for h in head_sizes if h in pooled_heads)
-        self.heads = nn.ModuleDict(
-            {name: StatsHead(in_ch, final, n) if name in self.pooled_heads
-             else Conv2d(in_ch, n, kernel_size=final, stride=1, padding=0) for name, n in head_sizes.items()}
-        )
-        # created after the seed's modules, so the seed's initial weights do not depend on it
         self.branch_blocks = accent_branch if ACCENT_HEAD in head_sizes else 0
         self.split = 3 * (N_BLOCKS - self.branch_blocks)  # main[:split] is shared by every head
+        # a network of its own may be narrower than the trunk; a partial branch continues the trunk's channels
+        branch_channels = trunk_channels(accent_width) if self.branch_blocks == N_BLOCKS and accent_width \
+            else channels
+        self.pooled_heads = tuple(h for h in head_sizes if h in pooled_heads)
+        self.heads = nn.ModuleDict(
+            {name: StatsHead(ch, final, n) if name in self.pooled_heads
+             else Conv2d(ch, n, kernel_size=final, stride=1, padding=0)
+             for name, n in head_sizes.items()
+             for ch in [branch_channels[-1] if name == ACCENT_HEAD and self.branch_blocks else in_ch]}
+        )
+        # created after the seed's modules, so the seed's initial weights do not depend on it
         if self.branch_blocks:
-            shared = channels[N_BLOCKS - self.branch_blocks - 1]
-            self.branch = nn.Sequential(*[m for i in range(N_BLOCKS - self.branch_blocks, N_BLOCKS)
-                                          for m in conv_block(shared if i == N_BLOCKS - self.branch_blocks
-                                                              else channels[i - 1], channels[i])])
+            first = N_BLOCKS - self.branch_blocks
+            self.branch = nn.Sequential(*[m for i in range(first, N_BLOCKS)
+                                          for m in conv_block(branch_channels[i - 1] if i else 1, branch_channels[i])])
+        if input_lifter:  # a constant of the settings: not part of the state dict
+            self.register_buffer("envelope", envelope_projection(INPUT_SIZE, input_lifter), persistent=False)
 
     @classmethod
     def from_run(cls, run_dir, checkpoint: str = "best", allow_unfinished: bool = False) -> "Discriminator":
@@ -203,34 +230,47 @@ class Discriminator(nn.Module):
         """Length of the vector :meth:`forward` returns with ``return_accent`` (the adversary's input)."""
         head = self.heads[ACCENT_HEAD]
         final = INPUT_SIZE // 2**N_BLOCKS
-        return head.linear.in_features if isinstance(head, StatsHead) else self.out_channels * final * final
+        return head.linear.in_features if isinstance(head, StatsHead) else head.in_channels * final * final
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Shared features (B, C, 4, 4): the embeddings, and (without a branch) where head gradients meet.
 
-        ``compile=True`` compiles this method, so it is what the forward runs for a model without a
-        birthplace branch.
+        ``compile=True`` compiles this method, so it is what the forward runs for the speaker and sex heads'
+        trunk whenever the trunk is not split by a partial birthplace branch.
         """
-        return self.main(self._normalised(x))
+        return self.main(self.prepare(x, envelope=self.branch_blocks < N_BLOCKS))
 
-    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
-        return utterance_norm(x).to(x.dtype) if self.normalise_input else x  # elementwise: keeps the memory format
+    def prepare(self, x: torch.Tensor, envelope: bool = True) -> torch.Tensor:
+        """The input transforms of the settings (envelope, then normalisation); x itself when none."""
+        if self.input_lifter and envelope:
+            x = torch.matmul(self.envelope, x.float()).to(x.dtype)
+        if self.normalise_input:
+            x = utterance_norm(x).to(x.dtype)  # elementwise: keeps x's memory format
+        return x
 
     def forward(self, x: torch.Tensor, return_trunk: bool = False, return_accent: bool = False,
                 return_shared: bool = False):
         """Logits per head ``{name: (B, n_classes)}``, then, in this order, what the flags ask for:
 
-        - ``return_trunk``: the trunk output (B, C, 4, 4) the other heads read (embeddings);
+        - ``return_trunk``: the trunk output (B, C, 4, 4) the speaker and sex heads read (embeddings);
         - ``return_accent``: what the birthplace head reads, flattened to (B, accent_features_dim),
           for a speaker adversary;
-        - ``return_shared``: the last map every head depends on, where their gradients meet (the
-          trunk output, or with a birthplace branch the map the branch starts from); training
-          measures each head's gradient there.
+        - ``return_shared``: the last map the heads share, where their gradients meet: the trunk
+          output, or with a partial birthplace branch the map it starts from (a birthplace network of
+          its own shares nothing: its gradient never reaches the trunk).
 
-        They are returned (not recomputed) so training can take gradients from the same graph.
+        They are returned (not recomputed) so training can take gradients from the same graph. A
+        training batch of two channels (``CropDataset(perturb_view=True)``) gives the recorded crop to
+        the trunk and the perturbed one to the birthplace network of its own.
         """
-        if self.branch_blocks:
-            shared = self.main[: self.split](self._normalised(x))
+        recorded, voiced = (x[:, :1], x[:, 1:]) if x.shape[1] == 2 else (x, x)
+        if x.shape[1] == 2 and self.branch_blocks != N_BLOCKS:
+            raise ValueError("a two-channel input (recorded and perturbed crop) needs accent_branch 6")
+        if self.branch_blocks == N_BLOCKS:  # a network of its own, which reads the perturbed view if given
+            shared = features = self.trunk(recorded)
+            accent_map = self.branch(self.prepare(voiced))
+        elif self.branch_blocks:
+            shared = self.main[: self.split](self.prepare(x))
             features = self.main[self.split:](shared)
             accent_map = self.branch(shared)
         else:

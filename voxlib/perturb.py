@@ -11,6 +11,10 @@ training crop is therefore given a new voice, drawn per (seed, epoch, row) like 
   the envelope stays;
 - tempo: the crop is read from a longer or shorter window of the clip, resampled to the crop length.
 
+A perturbed crop is somebody else speaking: it keeps its birthplace target, but not its speaker or sex
+(``VOICE_HEADS``), which the crop no longer carries; only a ``share`` of the crops are perturbed, so
+the speaker head still learns the recorded voices from the others.
+
 The spectrogram is split into envelope and fine structure by cepstral liftering of each frame: the
 features are dB values mapped linearly to [0, 1], so a frame is a log spectrum, whose lowest
 ``lifter`` DCT coefficients are the envelope and the rest the harmonics. A factor is drawn
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.fft import dct, idct
 
+VOICE_HEADS = ("speaker", "sex")  # targets a perturbed crop no longer has
 LIFTER = 30  # DCT coefficients kept as envelope: periods above 17 bins (530 Hz at 16 kHz) are envelope
 WARP_KNEE = 0.85  # above this share of the band the warp bends back to keep the top bin in place
 
@@ -39,25 +44,33 @@ class Factors:
 
 @dataclass(frozen=True)
 class VoicePerturbation:
-    """The largest relative change of vocal-tract length, pitch and tempo (0 = off)."""
+    """The largest relative change of vocal-tract length, pitch and tempo (0 = off), and the share of
+    crops perturbed."""
 
     formant: float = 0.0
     pitch: float = 0.0
     tempo: float = 0.0
+    share: float = 1.0
     lifter: int = LIFTER
 
     @classmethod
     def from_config(cls, cfg) -> "VoicePerturbation":
-        return cls(cfg.perturb_formant, cfg.perturb_pitch, cfg.perturb_tempo)
+        return cls(cfg.perturb_formant, cfg.perturb_pitch, cfg.perturb_tempo, cfg.perturb_share)
 
     @property
     def active(self) -> bool:
-        return bool(self.formant or self.pitch or self.tempo)
+        return bool(self.formant or self.pitch or self.tempo) and self.share > 0
 
-    def draw(self, rng: np.random.Generator) -> Factors:
-        """Three log-uniform factors; always three draws, so one setting never shifts another's."""
-        u = rng.uniform(-1.0, 1.0, size=3)
-        return Factors(*(math.exp(v * math.log1p(x)) for v, x in zip(u, (self.formant, self.pitch, self.tempo))))
+    def draw(self, rng: np.random.Generator) -> Factors | None:
+        """Three log-uniform factors, or None for a crop left as recorded (probability 1 - share).
+
+        Always four draws, so one setting never shifts another's.
+        """
+        keep, *u = rng.uniform(0.0, 1.0, size=4)
+        if keep >= self.share:
+            return None
+        return Factors(*(math.exp((2 * v - 1) * math.log1p(x)) for v, x in zip(u, (self.formant, self.pitch,
+                                                                                    self.tempo))))
 
     @staticmethod
     def window_frames(factors: Factors, n_frames: int) -> int:

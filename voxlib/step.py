@@ -27,7 +27,7 @@ from voxlib.config import Config, ConfigError, usable_cores
 from voxlib.data import BalancedSampler, CropDataset, RunData
 from voxlib.distributed import Dist, sync_batchnorm
 from voxlib.inference import autocast_for
-from voxlib.model import ACCENT_HEAD, INPUT_SIZE, Discriminator, decay_groups, model_options
+from voxlib.model import ACCENT_HEAD, INPUT_SIZE, N_BLOCKS, Discriminator, decay_groups, model_options
 from voxlib.perturb import VoicePerturbation
 
 
@@ -206,8 +206,10 @@ class TrainStep:
             return bad or ["(another process)"]
         if measure_grad:
             for k, h in enumerate(heads):
-                (g,) = torch.autograd.grad(self.head_weight[h] * means[h], shared, retain_graph=True)
-                tally.grad_sq[k] += g.float().pow(2).sum().item()
+                # a birthplace network of its own shares nothing with the trunk: its gradient there is 0
+                (g,) = torch.autograd.grad(self.head_weight[h] * means[h], shared, retain_graph=True,
+                                           allow_unused=True)
+                tally.grad_sq[k] += 0.0 if g is None else g.float().pow(2).sum().item()
             tally.grad_n += 1
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -312,6 +314,13 @@ class EarlyStop:
 
 
 # --- building the parts ----------------------------------------------------------------------------
+def two_views(cfg: Config) -> bool:
+    """Training batches carry two channels, the recorded crop and the same crop with a new voice, when
+    the birthplace head has a network of its own (only it reads the new voice; the speaker and sex
+    heads keep every target of the recorded crop)."""
+    return cfg.accent_branch == N_BLOCKS and VoicePerturbation.from_config(cfg).active
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -385,7 +394,7 @@ def synthetic_step(cfg: Config, head_sizes: dict[str, int], env: Dist, precision
                      head_weight or {h: 1.0 for h in heads}, env, precision, cfg.channels_last, cfg.nan_policy,
                      adversary=adversary, adversary_weight=lambda: cfg.speaker_adversary)
     generator = torch.Generator().manual_seed(0 if seed is None else seed)
-    x = torch.rand(batch, 1, INPUT_SIZE, INPUT_SIZE, generator=generator)
+    x = torch.rand(batch, 2 if two_views(cfg) else 1, INPUT_SIZE, INPUT_SIZE, generator=generator)
     y = {h: torch.randint(0, n, (batch,), generator=generator) for h, n in head_sizes.items()}
     tally = Tally(len(heads))
     return net, lambda measure_grad=False: step(x, y, tally, measure_grad=measure_grad)
@@ -433,7 +442,7 @@ def build_parts(cfg: Config, data: RunData, env: Dist, precision: str) -> Parts:
         warnings.warn(plan.note)
     masks = (cfg.freq_masks, cfg.freq_mask_width, cfg.time_masks, cfg.time_mask_width)
     train_set = CropDataset(data.cache, train_rows, data.targets, cfg.n_frames, train=True, seed=cfg.seed, masks=masks,
-                            perturb=VoicePerturbation.from_config(cfg))
+                            perturb=VoicePerturbation.from_config(cfg), perturb_view=two_views(cfg))
     if cfg.class_balance == "sampler":
         sampler = BalancedSampler(data.targets[cfg.balanced_head][train_rows], cfg.seed, env.world, env.rank)
     else:
