@@ -153,7 +153,7 @@ def test_a_perturbed_crop_keeps_its_birthplace_but_not_its_speaker_or_sex(cache_
                        perturb=VoicePerturbation(formant=0.12, pitch=0.25, share=0.5))
     perturbed = 0
     for i in range(n):
-        (x, y, row), (x0, y0, _) = half[i], plain[i]
+        (x, y, _), (x0, y0, _) = half[i], plain[i]
         if y["speaker"] < 0:
             perturbed += 1
             assert y["sex"] == -1 and y["birthplace"] == y0["birthplace"] >= 0

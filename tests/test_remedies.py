@@ -152,16 +152,16 @@ def test_a_remedied_checkpoint_reloads_for_prediction_from_its_settings(tmp_path
     model = Discriminator(HEADS, **model_options(cfg.to_dict()))
     labels = {h: [f"{h}{i}" for i in range(n)] for h, n in HEADS.items()}
     runfolder.write_json(tmp_path, runfolder.LABELS, labels)
+    runfolder.write_json(tmp_path, runfolder.CONFIG, cfg.to_dict())
     (tmp_path / runfolder.CHECKPOINTS).mkdir()
     save_checkpoint({"epoch": 1, "model": model.state_dict(), "head_sizes": HEADS, "width": WIDTH,
-                     "settings": cfg.values("learning")}, tmp_path / runfolder.CHECKPOINTS / runfolder.BEST)
-    loaded, record = load_discriminator(tmp_path)
+                     "settings": cfg.values("learning")}, tmp_path / runfolder.CHECKPOINTS / runfolder.LAST)
+    loaded, record = load_discriminator(tmp_path, allow_unfinished=True)  # a checkpoint, no finished run around it
     assert isinstance(loaded.heads["birthplace"], StatsHead) and loaded.branch_blocks == 2 and loaded.normalise_input
     x = torch.rand(2, 1, 256, 256)
     model.eval()
     for head, logits in loaded(x).items():
         torch.testing.assert_close(logits, model(x)[head])
-
 
 
 def test_input_lifter_keeps_the_envelope_and_drops_the_harmonics():

@@ -41,29 +41,24 @@ from voxlib.train import train_run
 log = logging.getLogger("voxlib.train")  # one stream with the trainings it runs
 
 DEFAULT_FOLDS = 3
-# A remedy studied alone takes the accent preset's value for it, or this one when the preset leaves it out.
-ALONE = dict(utterance_norm=True, pooled_heads="birthplace", accent_branch=2, speaker_adversary=0.3,
-             adversary_warmup=2, perturb_formant=0.12, perturb_pitch=0.25, perturb_tempo=0.12, trunk_dropout=0.2,
-             weight_decay=1e-4)
-# (folder name, label, the fields it sets): one idea each; the adversary needs the branch it acts on
+# One idea each, at the value preset accent uses where the preset has it. The adversary needs a branch to
+# act on; alone, voice perturbation drops the speaker and sex targets of the crops it gives a new voice.
+PERTURBATION = ("perturb_formant", "perturb_pitch", "perturb_tempo", "perturb_share")
 REMEDIES = (
-    ("utterance-norm", "per-utterance input normalisation", ("utterance_norm",)),
-    ("pooled-head", "time-pooled birthplace head", ("pooled_heads",)),
-    ("branch", "birthplace branch", ("accent_branch",)),
-    ("adversary", "branch + speaker adversary", ("accent_branch", "speaker_adversary", "adversary_warmup")),
-    ("perturbation", "voice perturbation (formants, pitch, tempo)", ("perturb_formant", "perturb_pitch",
-                                                                     "perturb_tempo")),
-    ("regularisation", "trunk dropout + weight decay", ("trunk_dropout", "weight_decay")),
+    ("utterance-norm", "per-utterance input normalisation", dict(utterance_norm=True)),
+    ("pooled-head", "time-pooled birthplace head", dict(pooled_heads=ACCENT_PRESET["pooled_heads"])),
+    ("branch", "birthplace branch (the last 2 blocks)", dict(accent_branch=2)),
+    ("adversary", "branch + speaker adversary", dict(accent_branch=2, speaker_adversary=0.3, adversary_warmup=2)),
+    ("own-network", "birthplace network of its own", dict(accent_branch=ACCENT_PRESET["accent_branch"])),
+    ("envelope", "spectral envelope input (no pitch harmonics)", dict(input_lifter=ACCENT_PRESET["input_lifter"])),
+    ("perturbation", "voice perturbation (formants, pitch, tempo)", {k: ACCENT_PRESET[k] for k in PERTURBATION}),
+    ("regularisation", "trunk dropout + weight decay", dict(trunk_dropout=0.2, weight_decay=1e-4)),
 )
 
 
 def variants() -> list[tuple[str, str, dict[str, Any]]]:
     """(folder name, label, Config changes) of every variant, the seed discriminator first, preset accent last."""
-    out = [("seed", "seed discriminator", {})]
-    for name, label, names in REMEDIES:
-        out.append((name, label, {n: ACCENT_PRESET.get(n, ALONE[n]) for n in names}))
-    out.append(("accent", "preset accent", {"preset": "accent"}))
-    return out
+    return [("seed", "seed discriminator", {}), *REMEDIES, ("accent", "preset accent", {"preset": "accent"})]
 
 
 def study_configs(base: Config, folds: int, root: Path, chosen: Sequence[str] | None = None) -> list[tuple[str, str, Config]]:
