@@ -236,3 +236,29 @@ def test_raising_epochs_says_what_it_extends_and_keeps_the_earlier_results(train
     summary = json.loads((run / runfolder.SUMMARY).read_text())
     assert (summary["epochs"], summary["epochs_trained"]) == (2, 2)
     assert len(runfolder.load_run(run).metrics["epoch"].unique()) == 2
+
+
+# --- a TMPDIR too deep for the loader's socket: training runs without workers instead of waiting forever ----
+def test_a_tmpdir_too_deep_for_the_loaders_socket_trains_without_workers(tiny_corpus, tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)  # multiprocessing's socket under it would exceed 107 bytes
+    deep.mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-m", "voxlib.train", "--manifest", str(tiny_corpus), "--cache-dir",
+                           str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"), "--num-workers", "2",
+                           "--width", "0.0625", "--epochs", "1", "--batch-size", "8", "--precision", "fp32",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, TMPDIR=str(deep)))
+    assert proc.returncode == 0, proc.stderr[-3000:]  # before: the worker's sender died and the loader waited
+    assert f"data-loader workers off: TMPDIR is too deep for the socket they hand batches over by ({deep})" \
+        in proc.stderr
+    runfolder.require_finished(tmp_path / "run")
+
+
+def test_loader_settings_keep_workers_where_the_socket_fits(monkeypatch, tmp_path):
+    from voxlib import step
+    cfg = Config(num_workers=2)
+    monkeypatch.setattr(step.multiprocessing.util, "get_temp_dir", lambda: "/tmp/pymp-abcdefgh")
+    assert step.loader_settings(cfg, torch.device("cpu")) == (2, False)
+    monkeypatch.setattr(step.multiprocessing.util, "get_temp_dir", lambda: "/" + "x" * 90 + "/pymp-abcdefgh")
+    with LogLines() as lines:
+        assert step.loader_settings(cfg, torch.device("cpu")) == (0, False)
+    assert any(line.startswith("data-loader workers off: TMPDIR is too deep") for line in lines)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,16 +68,24 @@ def command(phase: str, tiny_corpus: Path, trained_run, tmp: Path) -> tuple[str,
     raise ValueError(phase)
 
 
-def environment(tmp: Path) -> dict[str, str]:
-    (tmp / "tmp").mkdir(exist_ok=True)
-    return dict(os.environ, PYTHONPATH=str(REPO), VOX_OUTPUTS=str(tmp / "outputs"), TMPDIR=str(tmp / "tmp"),
+@pytest.fixture
+def short_tmp(tmp_path) -> Path:
+    """The command's TMPDIR, short enough for the loader workers' socket (a pytest-xdist tmp_path is
+    not: there the workers would be turned off, test_honest_errors checks that case)."""
+    folder = Path(tempfile.mkdtemp(prefix="vox-signal-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def environment(tmp: Path, tmpdir: Path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), VOX_OUTPUTS=str(tmp / "outputs"), TMPDIR=str(tmpdir),
                 OMP_NUM_THREADS="1")
 
 
-def left_behind(tmp: Path) -> list[str]:
+def left_behind(tmp: Path, tmpdir: Path) -> list[str]:
     """Temp files and folders of fileio (``.NAME.tmpPID``), features (``.KEY.tmp-...``), the demo
     renderer and the report kernel (anything in TMPDIR)."""
-    found = [str(p) for p in (tmp / "tmp").iterdir()]
+    found = [str(p) for p in tmpdir.iterdir()]
     for folder in ("run", "cache", "outputs", "demo", "evaluation"):
         if (tmp / folder).exists():
             found += [str(p) for p in (tmp / folder).rglob("*") if ".tmp" in p.name or p.name.endswith(".part")]
@@ -108,11 +117,11 @@ BACKGROUND = ["/bin/sh", "-c", 'trap "" INT; exec "$@"', "sh"]
 @pytest.mark.parametrize("phase,signum,started", CASES,
                          ids=["-".join(filter(None, [p, signal.Signals(s).name, b])) for p, s, b in CASES])
 def test_a_signal_in_any_phase_ends_cleanly_and_the_command_then_finishes(phase, signum, started, tiny_corpus,
-                                                                         trained, tmp_path):
+                                                                         trained, tmp_path, short_tmp):
     if phase == "demo" and shutil.which("espeak-ng") is None:
         pytest.importorskip("espeakng_loader")
     module, args = command(phase, tiny_corpus, lambda: trained, tmp_path)
-    env = environment(tmp_path)
+    env = environment(tmp_path, short_tmp)
     marker = tmp_path / "reached"
     launcher = BACKGROUND if started == "background" else []
     proc = subprocess.Popen([*launcher, sys.executable, str(RUNNER), phase, str(marker), "--", module, *args],
@@ -140,11 +149,11 @@ def test_a_signal_in_any_phase_ends_cleanly_and_the_command_then_finishes(phase,
     assert proc.returncode == STATUS[signum], err[-3000:]
     assert lines[-1] == LINES[signum] and "Traceback" not in err, err[-3000:]
     assert alive(descendants) == []
-    assert left_behind(tmp_path) == []
+    assert left_behind(tmp_path, short_tmp) == []
 
     if phase == "report" and signum == signal.SIGINT or started:
         return  # the same clean-up as the cases above, which re-run the command (the report: ~40 s)
     again = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert left_behind(tmp_path) == []
+    assert left_behind(tmp_path, short_tmp) == []

@@ -8,8 +8,12 @@ launch, and a remedy that is off draws nothing.
 """
 from __future__ import annotations
 
+import logging
 import math
+import multiprocessing.util
+import os
 import random
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,6 +33,8 @@ from voxlib.distributed import Dist, sync_batchnorm
 from voxlib.inference import autocast_for
 from voxlib.model import ACCENT_HEAD, INPUT_SIZE, N_BLOCKS, Discriminator, decay_groups, model_options
 from voxlib.perturb import VoicePerturbation
+
+log = logging.getLogger(__name__)
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -67,7 +73,23 @@ def loader_settings(cfg: Config, device: torch.device, world: int = 1) -> tuple[
         # Accelerators: the cores this process may use (a batch job's share, not the whole node), split
         # among the processes, one kept for the training loop.
         workers = 1 if device.type == "cpu" else min(8, max(1, usable_cores() // world - 1))
+    if workers and not loader_socket_fits():
+        log.warning("data-loader workers off: TMPDIR is too deep for the socket they hand batches over by "
+                    "(%s); a shorter TMPDIR lets a worker prepare the next batch", tempfile.gettempdir())
+        workers = 0
     return workers, device.type == "cuda"
+
+
+SOCKET_PATH_MAX = 103  # bytes in a Unix socket's path: 107 on Linux, 103 on macOS (the final NUL aside)
+
+
+def loader_socket_fits() -> bool:
+    """Whether a loader worker can hand its batches over. It sends each batch's memory as a file
+    descriptor through a Unix socket in multiprocessing's folder under TMPDIR (torch's other way, named
+    shared memory, needs a socket there too); where that path is longer than a socket path may be,
+    the worker's sending thread dies and the loader waits for the batch forever."""
+    socket_path = os.path.join(multiprocessing.util.get_temp_dir(), "listener-" + "x" * 8)
+    return len(os.fsencode(socket_path)) <= SOCKET_PATH_MAX
 
 
 # --- loss ---------------------------------------------------------------------------------------
