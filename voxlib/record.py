@@ -9,7 +9,6 @@ runfolder.py's; this module decides what goes into them during training.
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -142,18 +141,6 @@ def restore(ckpt: dict, path: Path, parts: Parts, data: RunData) -> dict:
     set_rng_state(ckpt["rng"])
     return {"epoch": int(ckpt["epoch"]), "best": ckpt.get("best"), "skipped_batches": int(ckpt.get("skipped_batches", 0)),
             "early_stop": ckpt.get("early_stop")}
-
-
-def is_complete(run_dir: Path, cfg: Config, progress: dict) -> bool:
-    """The run folder already holds this run's results (its summary names these epochs)."""
-    summary = run_dir / runfolder.SUMMARY
-    if not summary.is_file():
-        return False
-    try:
-        done = json.loads(summary.read_text())
-    except (OSError, ValueError):
-        return False
-    return done.get("epochs") == cfg.epochs and done.get("epochs_trained") == progress["epoch"]
 
 
 # --- the run's files -----------------------------------------------------------------------------
