@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# speaker folds of the demo (each is one training); FOLDS=1 trains one split
+# the demo: speaker folds (at least 2: every speaker is unseen in one fold), its model width, and the
+# study folder where the seed discriminator and preset accent train on the same folds
 FOLDS  ?= 3
+DEMO   ?= --width 0.125
+STUDY  := outputs/runs/demo-study-folds$(FOLDS)
 
 .PHONY: install test demo bench clean-outputs
 
@@ -21,9 +24,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile
 
-# 3 speaker folds: every demo speaker is unseen once (3 trainings; see README, Splits)
+# the seed discriminator and preset accent on the same speaker folds (2 x FOLDS trainings), then the
+# three reports of the preset accent run with the study beside it (README, "What you get")
 demo: $(STAMP)
-	$(PY) -m voxlib.report --folds $(FOLDS)
+	$(PY) -m voxlib.remedies --variants seed,accent --folds $(FOLDS) $(DEMO) --out $(STUDY)
+	$(PY) -m voxlib.report --preset accent --folds $(FOLDS) $(DEMO) --run-dir $(STUDY)/accent --study-dir $(STUDY)
 
 bench: $(STAMP)
 	$(PY) -m voxlib.bench --quick

@@ -9,6 +9,7 @@ import pytest
 from voxlib import index_page, remedies, runfolder, verdict
 from voxlib.notebook import prepare
 from voxlib.config import ACCENT_PRESET, Config, ConfigError
+from voxlib.train import train
 
 SETTINGS = dict(width=1 / 16, batch_size=8, lr=1e-4, epochs=1, threads=2, grad_log_every=0, eval_crops=2,
                 precision="fp32")
@@ -69,6 +70,9 @@ def test_a_study_trains_variants_on_the_same_folds_and_resumes(tiny_corpus, tmp_
     # a second run finds every member complete: nothing is trained again
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("last.pt")}
     remedies.run_study(base, folds=2, root=root, chosen=["seed", "accent"], encoder=False)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("last.pt")} == stamps
+    # make demo's report trains preset accent into the study's folder with the same flags: found complete
+    assert train(base.replace(preset="accent", folds=2, run_dir=str(root / "accent"))) == root / "accent"
     assert {p: p.stat().st_mtime_ns for p in root.rglob("last.pt")} == stamps
 
 
