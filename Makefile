@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # the demo: speaker folds (at least 2: every speaker is unseen in one fold), its model width, and the
 # study folder where the seed discriminator and preset accent train on the same folds
 FOLDS  ?= 3
-DEMO   ?= --width 0.125
+DEMO   ?= --width 0.125 --epochs 12
 STUDY  := outputs/runs/demo-study-folds$(FOLDS)
 
 .PHONY: install test demo bench clean-outputs
