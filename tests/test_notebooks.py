@@ -162,7 +162,7 @@ def test_a_pooled_folder_is_reported_pooled_with_its_interval(tiny_corpus, tmp_p
     found = index.split("What the run found")[1].split("<h2>")[0]
     assert "<b>Pooled over 2 folds</b>" in found and "<th>MFCC statistics + logistic regression</th>" in found
     assert stated in found.split("<td>birthplace</td><td>unseen</td>")[1].split("</tr>")[0]
-    verdict = index.split("Verdict: why is the birthplace head weak?")[1].split("</ul>")[0]
+    verdict = index.split("Verdict: what the birthplace head learned")[1].split("</ul>")[0]
     assert "pooled over 2 folds x 1 seed(s)" in verdict  # copied from notebook 03
     for line in verdict.split("<li>")[1:]:
         assert "%" not in line or any(where in line for where in ("pooled over 2 folds", "fold0 only)",

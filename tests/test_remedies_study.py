@@ -67,6 +67,11 @@ def test_a_study_trains_variants_on_the_same_folds_and_resumes(tiny_corpus, tmp_
     page = index_page.study_html(str(root))
     assert "What makes birthplace hold on new voices" in page and "data:image/png;base64," in page
     assert page.count("<tr>") == 1 + len(table)
+    # the accent head reads a network of its own: the verdict leaves out the shared trunk's probe and gradients
+    own = verdict.verdict_from_measures(verdict.measures(root / "accent" / "fold0"))
+    assert any("reads a birthplace network of its own (accent_branch 6)" in line for line in own)
+    assert not any(line.startswith("the linear probe") or "of the gradient reaching the trunk" in line for line in own)
+    assert not verdict.measures(root / "seed" / "fold0")["own_network"]
     # a second run finds every member complete: nothing is trained again
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("last.pt")}
     remedies.run_study(base, folds=2, root=root, chosen=["seed", "accent"], encoder=False)

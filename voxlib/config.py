@@ -41,6 +41,8 @@ ACCENT_PRESET: dict[str, Any] = dict(accent_branch=6, input_lifter=30, pooled_he
                                      perturb_share=0.5)
 PRESETS: dict[str, dict[str, Any]] = {"seed": SEED_PRESET, "accent": ACCENT_PRESET}
 MODEL_INPUT = 256  # the discriminator sees 256 frequency bins x 256 frames
+N_BLOCKS = 6  # the seed trunk's Conv+BatchNorm+LeakyReLU blocks (256 -> 4)
+ACCENT_HEAD = "birthplace"  # the head the generalisation remedies (branch, adversary, envelope) serve
 
 
 class ConfigError(ValueError):
@@ -222,7 +224,7 @@ class Config:
     accent_branch: int = knob(0, "the birthplace head reads its own copy of the last N trunk blocks (0 = the shared "
                               "trunk, 6 = a network of its own, which alone reads the input_lifter envelope), so "
                               "remedies can act on it without touching the speaker head", "generalisation",
-                              LEARNING, low=0, high=6)
+                              LEARNING, low=0, high=N_BLOCKS)
     accent_width: float = knob(0.0, "channel multiplier of the birthplace network of its own (accent_branch 6); "
                                "0 = the trunk's width", "generalisation", LEARNING, low=0.0, high=4.0)
     speaker_adversary: float = knob(0.0, "weight of the reversed gradient of a speaker classifier reading what the "

@@ -389,7 +389,7 @@ def verdict_html(report: Report) -> str:
     if not lines:
         return ""
     items = "".join(f"<li>{line}</li>" for line in lines)  # escaped by the notebook (escape_markdown)
-    return (f"<h2>Verdict: why is the birthplace head weak?</h2>\n<ul>{items}</ul>\n"
+    return (f"<h2>Verdict: what the birthplace head learned</h2>\n<ul>{items}</ul>\n"
             f"<p class='note'>From <a href='{html.escape(stage.html.name)}'>03_birthplace</a>, where each "
             "explanation is tested.</p>")
 

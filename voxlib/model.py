@@ -23,11 +23,11 @@ from torch import nn
 
 from voxlib import runfolder
 from voxlib.checkpoint import CheckpointError, load_checkpoint
+from voxlib.config import ACCENT_HEAD, N_BLOCKS
 
 log = logging.getLogger("voxlib.model")
 
 INPUT_SIZE = 256
-N_BLOCKS = 6
 MATMUL_MAX_POSITIONS = 16  # output maps of at most 4x4 are computed as one matrix product on CPU
 
 
@@ -78,7 +78,6 @@ def conv_as_matmul(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out.view(batch, rows, cols, -1).permute(0, 3, 1, 2)
 
 
-ACCENT_HEAD = "birthplace"  # the head the generalisation remedies (branch, adversary) serve
 STATS_EPS = 1e-5  # variance floor of the pooled statistics and of the utterance normalisation
 
 

@@ -27,11 +27,11 @@ from torch.optim import lr_scheduler
 from torch.utils.data import DataLoader, DistributedSampler
 
 from voxlib.adversary import SpeakerAdversary, adversary_weight, speaker_accents
-from voxlib.config import Config, ConfigError, usable_cores
+from voxlib.config import ACCENT_HEAD, N_BLOCKS, Config, ConfigError, usable_cores
 from voxlib.data import BalancedSampler, CropDataset, RunData
 from voxlib.distributed import Dist, sync_batchnorm
 from voxlib.inference import autocast_for
-from voxlib.model import ACCENT_HEAD, INPUT_SIZE, N_BLOCKS, Discriminator, decay_groups, model_options
+from voxlib.model import INPUT_SIZE, Discriminator, decay_groups, model_options
 from voxlib.perturb import VoicePerturbation
 
 log = logging.getLogger(__name__)

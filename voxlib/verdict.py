@@ -38,7 +38,7 @@ from voxlib.analysis import (
     through_speaker,
 )
 from voxlib.baselines import REPRESENTATIONS
-from voxlib.config import Config, field_names
+from voxlib.config import ACCENT_HEAD, N_BLOCKS, Config, field_names
 from voxlib.corpora.labels import too_few_speakers
 from voxlib.evaluate import accuracy_table, balanced_accuracy, confusion, scored, scores
 from voxlib.runfolder import SEEN_SPLITS, Run, load_run
@@ -91,6 +91,9 @@ def measures(run: Run | str | Path, head: str = "birthplace", min_speakers: int 
         out |= {f"confound_{key}": found[key]
                 for key in ("balanced_accuracy", "chance", "low", "high", "strongest", "speakers")}
     out["unseen_min_speakers"] = int(run.config.get("unseen_min_speakers", 3))
+    # with accent_branch 6 the birthplace head reads a network of its own: the trunk's probe and gradient
+    # shares describe what the speaker and sex heads read, not what this head reads
+    out["own_network"] = head == ACCENT_HEAD and int(run.config.get("accent_branch", 0) or 0) == N_BLOCKS
     small = too_few_speakers(run.splits, head, out["unseen_min_speakers"])
     out["too_few_for_unseen"] = [f"{c} ({n})" for c, n in zip(small["class"], small["speakers"])]
     base = baselines(run, head).set_index("set")
@@ -322,7 +325,10 @@ def verdict_from_measures(m: dict) -> list[str]:
                      f"true {c} vs {percent(m['errors_within_expected_unseen'])} if errors were random (at {c} level "
                      f"{percent(m['coarse_accuracy_unseen'])}, majority {percent(m['coarse_majority_unseen'])}): "
                      "the confusions are between neighbours")
-    if ok("probe_accuracy", "probe_head_accuracy"):
+    if m.get("own_network"):
+        lines.append(f"the {head} head reads a birthplace network of its own (accent_branch {N_BLOCKS}), not the shared "
+                     "trunk: the trunk's linear probe and gradient shares say nothing about it and are left out")
+    if ok("probe_accuracy", "probe_head_accuracy") and not m.get("own_network"):
         p, h = m["probe_accuracy"], m["probe_head_accuracy"]
         base = max(m["probe_majority"], m["chance"])
         if p - h >= PROBE_MARGIN and _beyond_noise(p - h, m.get("probe_difference_se")):
@@ -354,7 +360,7 @@ def verdict_from_measures(m: dict) -> list[str]:
         else:
             lines.append(f"{head} loss had flattened ({z:+.1%} over the last {k} epochs{in_run}): longer training "
                          "alone is unlikely to help")
-    if ok("gradient_share"):
+    if ok("gradient_share") and not m.get("own_network"):
         w, equal = m["gradient_share"], 1.0 / m["n_heads"]
         other = (f" vs {percent(m['gradient_share_speaker'])} for speaker"
                  if ok("gradient_share_speaker") and head != "speaker" else "")
