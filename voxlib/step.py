@@ -435,7 +435,7 @@ class Parts:
     sampler: Any
     train_loader: Any
     loader_args: dict
-    local_batch: int
+    plan: BatchPlan  # the global batch and this process's share
     precision: str
     channels_last: bool
 
@@ -484,4 +484,4 @@ def build_parts(cfg: Config, data: RunData, env: Dist, precision: str) -> Parts:
                      adversary_weight=lambda: adversary_weight(cfg.speaker_adversary, cfg.adversary_warmup,
                                                                schedule.steps / steps_per_epoch))
     return Parts(net, model, adversary, optimizer, schedule, step, sampler, train_loader, loader_args,
-                 plan.local_batch, precision, cfg.channels_last)
+                 plan, precision, cfg.channels_last)

@@ -204,7 +204,7 @@ def evaluate(parts: Parts, data: RunData, cfg: Config, env: Dist, rows: np.ndarr
         rows = rows[env.rank :: env.world]
     dataset = CropDataset(data.cache, rows, data.targets, cfg.n_frames, train=False, eval_crops=cfg.eval_crops,
                           seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=max(1, parts.local_batch), shuffle=False, **parts.loader_args)
+    loader = DataLoader(dataset, batch_size=max(1, parts.plan.local_batch), shuffle=False, **parts.loader_args)
     H = len(data.heads)
     loss_sum, correct, valid = (torch.zeros(H, dtype=torch.float64) for _ in range(3))
     # counts of (true, predicted) for TensorBoard's confusion figures; a large head has none
@@ -289,7 +289,7 @@ def write_outputs(run_dir: Path, parts: Parts, data: RunData, cfg: Config, env: 
                "stopped_early": progress["epoch"] < cfg.epochs,
                "best_epoch": (progress["best"] or {}).get("epoch"),
                "predictions_from": "best.pt" if best.exists() else "last weights",
-               "skipped_batches": progress["skipped_batches"], "train_batch": parts.local_batch * env.world,
+               "skipped_batches": progress["skipped_batches"], "train_batch": parts.plan.global_batch,
                "world_size": env.world, "device": str(env.device), "precision": parts.precision}
     fault_point("write", runfolder.SUMMARY)
     runfolder.write_json(run_dir, runfolder.SUMMARY, summary)

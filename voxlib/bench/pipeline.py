@@ -63,7 +63,7 @@ def loader_wait(data, cfg: Config, device: torch.device, precision: str, steps: 
         del it
     # the first step also starts workers and warms the model up: reported, not averaged in
     wait, total = sum(waits[1:]), sum(totals[1:])
-    return {"steps": steps, "batch": parts.local_batch, "width": cfg.width, "precision": precision,
+    return {"steps": steps, "batch": parts.plan.local_batch, "width": cfg.width, "precision": precision,
             "channels_last": parts.channels_last, "num_workers": parts.loader_args["num_workers"],
             "pin_memory": parts.loader_args["pin_memory"], "verify": data.cache.verify, "epochs": epoch,
             "steps_per_epoch": len(loader), "wait_s": wait, "step_s": total / steps, "wait_share": wait / total,
