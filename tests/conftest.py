@@ -1,6 +1,7 @@
 """Shared fixtures: small generated corpora, so no test needs a real recording."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -126,6 +127,17 @@ def copy_run(run: Path, to: Path) -> Path:
     """A copy of a run folder to damage or change (the lock file and its note are not copied)."""
     shutil.copytree(run, to, ignore=shutil.ignore_patterns(".vox-run.lock*"))
     return to
+
+
+@contextlib.contextmanager
+def hooked(hooks: list, hook):
+    """``hook`` in one of vox's test hook lists (record.FAULT_HOOKS, fileio.BEFORE_REPLACE_HOOKS) for
+    the block, removed afterwards whatever the block raised."""
+    hooks.append(hook)
+    try:
+        yield
+    finally:
+        hooks.remove(hook)
 
 
 class LogLines(logging.Handler):

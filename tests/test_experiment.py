@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import voxlib.record as record
-from conftest import LogLines
+from conftest import LogLines, hooked
 from run_folder_factory import make_run_folder
 from voxlib import experiment, runfolder
 from voxlib.pooled import pooled_over_folds
@@ -91,12 +91,8 @@ def test_an_interrupted_fold_resumes_and_ends_identical(pooled, settings, tmp_pa
         elif point == "step" and seen["fold1_epochs"] == 1:
             raise KeyboardInterrupt("stopped during fold 1, epoch 2")
 
-    record.FAULT_HOOKS.append(interrupt)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(Config(**settings, run_dir=str(run_dir)))
-    finally:
-        record.FAULT_HOOKS.remove(interrupt)
+    with hooked(record.FAULT_HOOKS, interrupt), pytest.raises(KeyboardInterrupt):
+        train(Config(**settings, run_dir=str(run_dir)))
     assert (run_dir / "fold0" / runfolder.SUMMARY).is_file()
     assert not (run_dir / "fold1" / runfolder.SUMMARY).is_file() and not (run_dir / "fold2").exists()
     assert not (run_dir / runfolder.POOLED).exists()
@@ -280,12 +276,8 @@ def test_raising_epochs_says_what_it_extends_and_keeps_the_pooled_results_until_
         if point == "step":
             raise KeyboardInterrupt("stopped in fold0's third epoch")
 
-    record.FAULT_HOOKS.append(stop)
-    try:
-        with LogLines() as lines, pytest.raises(KeyboardInterrupt):
-            train(longer)
-    finally:
-        record.FAULT_HOOKS.remove(stop)
+    with hooked(record.FAULT_HOOKS, stop), LogLines() as lines, pytest.raises(KeyboardInterrupt):
+        train(longer)
     assert any(f"extending the finished experiment {run_dir} from 2 to 3 epochs per member (3 trainings)" in line
                for line in lines), lines
     assert any(f"extending finished run {run_dir / 'fold0'} from 2 to 3 epochs" in line for line in lines), lines

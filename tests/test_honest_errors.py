@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import voxlib.record as record
-from conftest import LogLines, copy_run
+from conftest import LogLines, copy_run, hooked
 from voxlib import runfolder
 from voxlib.checkpoint import CheckpointError, load_checkpoint
 from voxlib.cli import describe_error
@@ -220,12 +220,8 @@ def test_raising_epochs_says_what_it_extends_and_keeps_the_earlier_results(train
                 runfolder.load_run(run)
             raise KeyboardInterrupt("stopped before the new predictions")
 
-    record.FAULT_HOOKS.append(stop_before_outputs)
-    try:
-        with LogLines() as lines, pytest.raises(KeyboardInterrupt):
-            train(cfg)
-    finally:
-        record.FAULT_HOOKS.remove(stop_before_outputs)
+    with hooked(record.FAULT_HOOKS, stop_before_outputs), LogLines() as lines, pytest.raises(KeyboardInterrupt):
+        train(cfg)
     assert seen == {"unchanged": True}
     assert f"extending finished run {run} from 1 to 2 epochs (it trained 1); its 1-epoch results stay in place " \
            f"until the new ones are written" in lines

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import hooked
 import voxlib.fileio as fileio
 import voxlib.record as record
 from voxlib.checkpoint import load_checkpoint
@@ -112,11 +113,8 @@ def write_counts(base: dict, tmp_path: Path) -> dict[str, int]:
         if point == "write":
             counts[detail] = counts.get(detail, 0) + 1
 
-    record.FAULT_HOOKS.append(count)
-    try:
+    with hooked(record.FAULT_HOOKS, count):
         train(Config(**base, run_dir=str(tmp_path / "counting")))
-    finally:
-        record.FAULT_HOOKS.remove(count)
     return counts
 
 
@@ -149,14 +147,9 @@ def test_a_failure_at_any_write_resumes_to_the_uninterrupted_run(base, reference
         if path.name == target:
             fail()
 
-    record.FAULT_HOOKS.append(at_point)
-    fileio.BEFORE_REPLACE_HOOKS.append(at_replace)
-    try:
-        with pytest.raises(SimulatedKill if how == "kill" else TrainingError) as err:
-            train(Config(**base, run_dir=str(run)))
-    finally:
-        record.FAULT_HOOKS.remove(at_point)
-        fileio.BEFORE_REPLACE_HOOKS.remove(at_replace)
+    with hooked(record.FAULT_HOOKS, at_point), hooked(fileio.BEFORE_REPLACE_HOOKS, at_replace), \
+            pytest.raises(SimulatedKill if how == "kill" else TrainingError) as err:
+        train(Config(**base, run_dir=str(run)))
     if how == "disk full" and target != "tb":
         assert target in str(err.value) and "No space left on device" in str(err.value)
         assert not list(run.rglob(f".{target}.tmp*"))  # a failed write leaves no temp file
@@ -171,12 +164,8 @@ def test_disk_full_names_the_file_and_the_intact_checkpoint(base, tmp_path):
         if path.name == "last.pt" and load_checkpoint(tmp)["epoch"] == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    fileio.BEFORE_REPLACE_HOOKS.append(full)
-    try:
-        with pytest.raises(TrainingError) as err:
-            train(Config(**base, run_dir=str(run)))
-    finally:
-        fileio.BEFORE_REPLACE_HOOKS.remove(full)
+    with hooked(fileio.BEFORE_REPLACE_HOOKS, full), pytest.raises(TrainingError) as err:
+        train(Config(**base, run_dir=str(run)))
     message = str(err.value)
     assert "epoch 2" in message and str(run / "checkpoints" / "last.pt") in message
     assert "No space left on device" in message and "(epoch 1) is intact" in message
