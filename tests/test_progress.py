@@ -9,6 +9,7 @@ import pytest
 
 from voxlib.cli import log_to
 from voxlib.progress import (
+    relay,
     PROGRESS_FILE_ENV,
     ProgressFileHandler,
     TrainingProgress,
@@ -94,6 +95,27 @@ def test_training_log_lines_reach_the_followed_file_even_after_log_to(tmp_path, 
     assert shown[1] == "built feature cache /cache/\\nkey"  # one line per record, control characters escaped
     assert shown[2].startswith("fold0 epoch 1/1 (3 s)") and "[1/2 epochs, about" in shown[2]
     assert "epoch 1/1 (3 s)" in notebook_output.getvalue()  # the notebook's own output is unchanged
+
+
+def test_lines_written_as_the_body_ends_are_shown(tmp_path):
+    """The reader may be between its read and its look at the stop flag when the body writes its last
+    lines and ends: those lines are still shown (they were lost when the flag was looked at last)."""
+    path = tmp_path / "progress.log"
+    path.write_text("")
+
+    class EndsWhileReading:  # the body writes and ends between the reader's steps
+        def is_set(self):
+            with path.open("a") as fh:
+                fh.write("epoch 1/1 (3 s): train loss 1.000; seen_val accuracy: x 1.0%\n")
+            return True
+
+        def wait(self, seconds):
+            raise AssertionError("the reader waited after the body had ended")
+
+    shown: list[str] = []
+    with path.open() as fh:
+        relay(fh, shown.append, TrainingProgress(members=1, epochs=1), EndsWhileReading(), poll_s=60)
+    assert shown == ["epoch 1/1 (3 s): train loss 1.000; seen_val accuracy: x 1.0%  [1/1 epochs]"]
 
 
 def test_without_the_report_command_nothing_is_attached(monkeypatch):

@@ -136,6 +136,20 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def relay(fh, show: Callable[[str], None], progress: TrainingProgress, stop: threading.Event, poll_s: float) -> None:
+    """Show each complete line appended to ``fh`` until ``stop`` is set, and then the lines written before it."""
+    pending = ""
+    while True:
+        ending = stop.is_set()  # asked before reading: once the body has ended, this read sees all it wrote
+        pending += fh.read()
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            show(progress.line(line))
+        if ending:
+            return
+        stop.wait(poll_s)
+
+
 @contextlib.contextmanager
 def follow(path: str | Path, show: Callable[[str], None], progress: TrainingProgress,
            poll_s: float = POLL_S) -> Iterator[None]:
@@ -147,17 +161,9 @@ def follow(path: str | Path, show: Callable[[str], None], progress: TrainingProg
     stop = threading.Event()
 
     def read() -> None:
-        pending = ""
         with path.open(encoding="utf-8") as fh:
             fh.seek(start)
-            while True:
-                pending += fh.read()
-                *lines, pending = pending.split("\n")
-                for line in lines:
-                    show(progress.line(line))
-                if stop.is_set():
-                    break
-                stop.wait(poll_s)
+            relay(fh, show, progress, stop, poll_s)
 
     reader = threading.Thread(target=read, name="vox-progress", daemon=True)
     reader.start()
